@@ -1,0 +1,47 @@
+"""The ``imdpipe`` command line: each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from imdpipe import __version__
+
+app = typer.Typer(
+    name="imdpipe",
+    help="Feature caches and a head trainer for IMD (Learnable Irrelevant Modality Dropout) "
+         "multimodal action recognition. Typical order: synth/index -> extract-flow -> "
+         "extract-audio -> build-savld -> train -> evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"imdpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    """imdpipe command line."""
+
+
+@app.command("labels")
+def labels_cmd(name: Annotated[str, typer.Argument(help="kinetics400, ucf101, hmdb51 or audioset.")]):
+    """Print a built-in label set, one label a line, in label order (AudioSet: display names)."""
+    from imdpipe.labels import label_set
+
+    try:
+        names = label_set(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="NAME") from None
+    typer.echo("\n".join(names))
+
+
+# Command registrations: one pair per module in imdpipe/cli/.
+

@@ -1,0 +1,31 @@
+"""Options shared by several commands, defined once as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache root directory of one dataset "
+                                        "(holds manifest.csv, labels.txt and the stage stores).")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    "--shard", help="Process only shard i of n (form i/n), for several machines or processes at once. "
+                    "Default: torchrun's RANK/WORLD_SIZE when set, else everything.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Rebuild the store from nothing "
+                                            "(its current content is replaced). Without it, a store built "
+                                            "with other settings is refused and done videos are skipped.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Worker processes for decoding/compute "
+                                         "(0 = in the main process).")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero if any video failed "
+                                         "(failures are always recorded in the store and printed).")]
+VideosPerShardOpt = Annotated[int, typer.Option("--videos-per-shard", min=1, help="Videos per Zarr shard "
+                                                "file; also the unit of work handed to one writer.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def exit_for(summary, strict: bool) -> None:
+    """Print a stage summary's verdict and exit non-zero under --strict when videos failed."""
+    if strict and summary.failed:
+        typer.echo(f"{summary.failed} video(s) failed (--strict).", err=True)
+        raise typer.Exit(code=1)

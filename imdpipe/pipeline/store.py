@@ -1,0 +1,469 @@
+"""The store helper every stage writes through: Zarr v3 stores that survive crashes.
+
+A per-video stage store (``frames.zarr``, ``audio.zarr``, ``relevance.zarr``) holds
+
+* per-video arrays whose first axis is the manifest ``index``; each video is one chunk, and
+  ``videos_per_shard`` consecutive videos share one shard file (Zarr's sharding codec);
+* ``done`` bool (N,) and ``error`` str (N,), chunked like the shards, so the writer that owns a
+  shard also owns its flags;
+* root attrs ``imdpipe_version``, ``stage``, ``created``, ``settings`` and ``manifest_sha256``.
+
+Rules, learned the hard way (see ../shared/FIELD_NOTES.md "Storage facts"):
+
+* Two writers touching chunks of the same shard lose data, so the unit of work handed to a
+  writer is a whole shard (:func:`partition_shards`), and a process writes a shard in one
+  ``__setitem__`` once every pending video in it has been computed (:func:`run_stage`).
+* Data first, then ``error``, then ``done``: a kill between the two leaves ``done`` False and
+  the video is recomputed on the next run.
+* Opening an existing store with different settings is refused with the differing keys named;
+  ``overwrite=True`` rebuilds it from nothing.
+* Handles are not fork-safe: readers open stores inside each DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from imdpipe import __version__
+
+DONE = "done"
+ERROR = "error"
+
+
+class SettingsMismatch(ValueError):
+    """An existing store was built with other settings (or for another manifest)."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A per-video array of a stage store.
+
+    Args:
+        name: array name inside the store.
+        shape: the shape of one video's entry (the leading ``video`` axis is added).
+        dtype: numpy dtype string.
+        dims: names of the per-video axes (``video`` is prepended) for ``_ARRAY_DIMENSIONS``.
+        fill_value: value of entries never written (failed or pending videos).
+        attrs: extra array attributes (units, quantization formula...).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+    fill_value: Any = 0
+    attrs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.shape) != len(self.dims):
+            raise ValueError(f"array {self.name!r}: {len(self.shape)} axes in shape {self.shape} "
+                             f"but {len(self.dims)} dims {self.dims}")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which of ``count`` cooperating writers this process is (``--shard index/count``)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str | None) -> Partition:
+        """Parse ``"i/n"``; ``None`` falls back to torchrun's RANK/WORLD_SIZE, else ``0/1``."""
+        if text is None or text == "":
+            return cls.from_env()
+        try:
+            i, n = (int(p) for p in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard takes the form i/n (for example 0/4), got {text!r}") from None
+        return cls(i, n)
+
+    @classmethod
+    def from_env(cls) -> Partition:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        return cls(rank, world) if world > 1 else cls()
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def normalize_settings(settings: dict) -> dict:
+    """Settings as they read back from JSON attrs (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def diff_settings(stored: dict, wanted: dict) -> list[str]:
+    """Human-readable differences between two settings dicts, one line per key."""
+    stored, wanted = normalize_settings(stored), normalize_settings(wanted)
+    lines = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{key}: store has {a!r}, this run asks for {b!r}")
+    return lines
+
+
+def root_attrs(stage: str, settings: dict, manifest_sha256: str | None, **extra) -> dict:
+    """The provenance every store carries in its root attrs."""
+    attrs = {
+        "imdpipe_version": __version__,
+        "stage": stage,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": normalize_settings(settings),
+        "manifest_sha256": manifest_sha256,
+    }
+    attrs.update(normalize_settings(extra))
+    return attrs
+
+
+def check_provenance(path: Path, attrs: dict, *, stage: str, settings: dict,
+                     manifest_sha256: str | None) -> None:
+    """Refuse a store made by another stage, with other settings or for another manifest."""
+    problems = []
+    if attrs.get("stage") != stage:
+        problems.append(f"stage: store has {attrs.get('stage')!r}, this run is {stage!r}")
+    problems += diff_settings(attrs.get("settings", {}), settings)
+    if manifest_sha256 is not None and attrs.get("manifest_sha256") != manifest_sha256:
+        problems.append("manifest_sha256: the store was built for another manifest.csv "
+                        "(the dataset was re-indexed)")
+    if problems:
+        raise SettingsMismatch(
+            f"{path} was built with different settings:\n  " + "\n  ".join(problems)
+            + "\nRerun with --overwrite to rebuild it (its content is replaced), "
+              "or point --cache at another directory."
+        )
+
+
+def create_group(path: str | Path, attrs: dict, *, overwrite: bool) -> zarr.Group:
+    """Create an empty Zarr v3 group atomically: built beside ``path``, then renamed into place."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to rebuild it.")
+        shutil.rmtree(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    group.attrs.update(attrs)
+    tmp.replace(path)
+    return zarr.open_group(path, mode="r+")
+
+
+def add_array(group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str], **attrs) -> zarr.Array:
+    """Write a whole (small) array with its ``_ARRAY_DIMENSIONS``; for per-store results."""
+    data = np.asarray(data)
+    if data.ndim != len(dims):
+        raise ValueError(f"array {name!r} has {data.ndim} axes but dims {tuple(dims)}")
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, dimension_names=tuple(dims),
+                             overwrite=True)
+    arr[...] = data
+    arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **normalize_settings(attrs)})
+    return arr
+
+
+class StageStore:
+    """A per-video stage store: arrays indexed by manifest ``index`` plus done/error flags.
+
+    Use :meth:`open` to create or reopen one; the constructor only wraps an open group.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    # -- creation -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, stage: str, settings: dict, manifest_sha256: str,
+             n_items: int, arrays: Sequence[ArraySpec], videos_per_shard: int = 16,
+             overwrite: bool = False, attrs: dict | None = None) -> StageStore:
+        """Create the store, or reopen it when it exists with the same settings.
+
+        Args:
+            path: the ``*.zarr`` directory.
+            stage: stage name recorded in attrs (``flow``, ``audio``, ``relevance``).
+            settings: every setting that changes content; compared on reopen.
+            manifest_sha256: hash of the manifest the indices refer to.
+            n_items: number of videos (manifest rows).
+            arrays: the per-video arrays.
+            videos_per_shard: videos per shard file and per unit of work.
+            overwrite: rebuild the store from nothing if it exists.
+            attrs: extra root attrs written at creation (model label lists, ...).
+        """
+        path = Path(path)
+        if videos_per_shard < 1:
+            raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+        settings = {**settings, "videos_per_shard": videos_per_shard}
+        if path.exists() and not overwrite:
+            group = zarr.open_group(path, mode="r+")
+            check_provenance(path, dict(group.attrs), stage=stage, settings=settings,
+                             manifest_sha256=manifest_sha256)
+            store = cls(path, group)
+            if store.n_items != n_items:
+                raise SettingsMismatch(f"{path} holds {store.n_items} videos but the manifest has "
+                                       f"{n_items}; rerun with --overwrite to rebuild it.")
+            return store
+        group = create_group(path, root_attrs(stage, settings, manifest_sha256, **(attrs or {})),
+                             overwrite=overwrite)
+        k = videos_per_shard
+        flag_chunks = (min(k, max(n_items, 1)),)
+        for spec in arrays:
+            full = (n_items, *spec.shape)
+            chunk = (1, *spec.shape)
+            shards = (min(k, max(n_items, 1)), *spec.shape) if k > 1 else None
+            arr = group.create_array(spec.name, shape=full, chunks=chunk, shards=shards, dtype=spec.dtype,
+                                     fill_value=spec.fill_value, dimension_names=("video", *spec.dims))
+            arr.attrs.update({"_ARRAY_DIMENSIONS": ["video", *spec.dims], **normalize_settings(spec.attrs)})
+        done = group.create_array(DONE, shape=(n_items,), chunks=flag_chunks, dtype="bool", fill_value=False,
+                                  dimension_names=("video",))
+        done.attrs["_ARRAY_DIMENSIONS"] = ["video"]
+        err = group.create_array(ERROR, shape=(n_items,), chunks=flag_chunks, dtype=str, fill_value="",
+                                 dimension_names=("video",))
+        err.attrs["_ARRAY_DIMENSIONS"] = ["video"]
+        return cls(path, group)
+
+    @classmethod
+    def open_existing(cls, path: str | Path, *, stage: str | None = None, mode: str = "r") -> StageStore:
+        """Open a finished store for reading (a clear error if it is missing)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run the stage that builds it first.")
+        group = zarr.open_group(path, mode=mode)
+        if stage is not None and group.attrs.get("stage") != stage:
+            raise SettingsMismatch(f"{path} is a {group.attrs.get('stage')!r} store, expected {stage!r}")
+        return cls(path, group)
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def settings(self) -> dict:
+        return dict(self.group.attrs.get("settings", {}))
+
+    @property
+    def n_items(self) -> int:
+        return int(self.group[DONE].shape[0])
+
+    @property
+    def videos_per_shard(self) -> int:
+        return int(self.group[DONE].chunks[0])
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.group[DONE][:], dtype=bool)
+
+    def errors(self) -> np.ndarray:
+        return np.asarray(self.group[ERROR][:])
+
+    def is_done(self, index: int) -> bool:
+        return bool(self.group[DONE][index])
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        k, n = self.videos_per_shard, self.n_items
+        return [(s, min(s + k, n)) for s in range(0, n, k)]
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_block(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]],
+                    errors: dict[int, str]) -> None:
+        """Write the results of videos in one shard ``[start, stop)`` in a single pass.
+
+        ``rows`` maps index -> {array name: value}; ``errors`` maps index -> message. Rows not
+        given keep their stored content. Data first, then errors, then done flags.
+        """
+        idx = sorted(rows)
+        if any(not start <= i < stop for i in [*idx, *errors]):
+            raise ValueError(f"write_block({start}, {stop}) got indices outside the shard")
+        if idx:
+            names = rows[idx[0]].keys()
+            for name in names:
+                arr = self.group[name]
+                if len(idx) == stop - start:
+                    block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in range(start, stop)])
+                else:
+                    block = np.asarray(arr[start:stop])
+                    for i in idx:
+                        block[i - start] = rows[i][name]
+                arr[start:stop] = block
+        err = np.asarray(self.group[ERROR][start:stop]).astype(object)
+        done = np.asarray(self.group[DONE][start:stop], dtype=bool)
+        for i in idx:
+            err[i - start] = ""
+            done[i - start] = True
+        for i, message in errors.items():
+            err[i - start] = message
+            done[i - start] = False
+        self.group[ERROR][start:stop] = err.astype(str)
+        self.group[DONE][start:stop] = done
+
+
+def partition_shards(shards: Sequence[tuple[int, int]], part: Partition) -> list[tuple[int, int]]:
+    """The shards a writer owns: shard b goes to writer ``b % count``; never split."""
+    return [s for b, s in enumerate(shards) if b % part.count == part.index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a stage
+# ---------------------------------------------------------------------------------------------
+Produce = Callable[[list[int]], Iterable[tuple[int, "dict[str, np.ndarray] | BaseException"]]]
+
+
+@dataclass
+class Summary:
+    """What one run of a stage did."""
+
+    stage: str
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    not_mine: int = 0
+    seconds: float = 0.0
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (index, name, message)
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.failed
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "ok": self.ok, "failed": self.failed, "skipped": self.skipped,
+                "already_done": self.already_done, "other_shards": self.not_mine,
+                "seconds": round(self.seconds, 3), "errors": [list(e) for e in self.errors]}
+
+
+def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], names: Sequence[str],
+              part: Partition = Partition(), description: str = "", unit: str = "video",
+              console=None, show_progress: bool = True) -> Summary:
+    """Compute every pending video this writer owns and write it, one whole shard at a time.
+
+    Args:
+        store: the open stage store.
+        produce: called once with the pending indices (in order); yields ``(index, result)``
+            pairs in any order, where result is ``{array name: value}`` or the exception that
+            video raised. It owns devices, pools and batching.
+        eligible: indices this stage should process (e.g. manifest rows with status ok); the
+            others are counted as skipped.
+        names: a name per index (the video path) for error messages.
+        part: which shards this process owns.
+        description: label of the progress bar.
+        unit: what is counted (for the rate column).
+        console: a ``rich.console.Console`` (default: stderr).
+        show_progress: draw a progress bar.
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    summary = Summary(stage=str(store.group.attrs.get("stage", "")))
+    t0 = time.perf_counter()
+    done = store.done_mask()
+    eligible_mask = np.zeros(store.n_items, dtype=bool)
+    eligible_mask[np.asarray(eligible, dtype=int)] = True
+    mine = partition_shards(store.shard_ranges(), part)
+    mine_mask = np.zeros(store.n_items, dtype=bool)
+    for s, e in mine:
+        mine_mask[s:e] = True
+    summary.not_mine = int((~mine_mask & eligible_mask).sum())
+    summary.skipped = int((mine_mask & ~eligible_mask).sum())
+    summary.already_done = int((mine_mask & eligible_mask & done).sum())
+    pending_by_shard: dict[tuple[int, int], set[int]] = {}
+    for s, e in mine:
+        todo = {i for i in range(s, e) if eligible_mask[i] and not done[i]}
+        if todo:
+            pending_by_shard[(s, e)] = todo
+    shard_of = {i: key for key, todo in pending_by_shard.items() for i in todo}
+    pending = sorted(shard_of)
+    buffers: dict[tuple[int, int], tuple[dict, dict]] = {k: ({}, {}) for k in pending_by_shard}
+
+    with _progress(console, show_progress, unit) as progress:
+        task = progress.add_task(description or summary.stage, total=len(pending))
+        if pending:
+            for index, result in produce(pending):
+                key = shard_of.get(index)
+                if key is None:
+                    raise RuntimeError(f"produce() yielded index {index}, which was not asked for")
+                rows, errs = buffers[key]
+                if isinstance(result, BaseException):
+                    message = f"{type(result).__name__}: {result}"
+                    errs[index] = message
+                    summary.failed += 1
+                    summary.errors.append((index, names[index], message))
+                else:
+                    rows[index] = result
+                    summary.ok += 1
+                pending_by_shard[key].discard(index)
+                if not pending_by_shard[key]:
+                    store.write_block(key[0], key[1], rows, errs)
+                    del buffers[key], pending_by_shard[key]
+                progress.advance(task)
+        if pending_by_shard:
+            missing = sorted(i for todo in pending_by_shard.values() for i in todo)
+            raise RuntimeError(f"produce() never yielded indices {missing[:10]}...")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+def _progress(console, show: bool, unit: str):
+    if not show:
+        return _NoProgress()
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class _Rate(TextColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return super().render(task) if speed is None else self.text_format.format(f"{speed:.1f}")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    _Rate("{} " + unit + "s/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def print_summary(summary: Summary, console=None, *, max_errors: int = 10) -> None:
+    """Print the ok / failed / skipped table and the first few error messages."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    table = Table(title=f"{summary.stage} summary", show_header=True)
+    for col in ("ok", "failed", "skipped (bad in manifest)", "already done", "other shards", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(str(summary.ok), str(summary.failed), str(summary.skipped), str(summary.already_done),
+                  str(summary.not_mine), f"{summary.seconds:.1f}")
+    console.print(table)
+    for index, name, message in summary.errors[:max_errors]:
+        console.print(f"[red]failed[/red] #{index} {name}: {message}")
+    if len(summary.errors) > max_errors:
+        console.print(f"... and {len(summary.errors) - max_errors} more (see the store's `error` array)")

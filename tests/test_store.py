@@ -1,0 +1,105 @@
+"""The shared store helper: settings refusal, done flags, shard ownership, block writes."""
+
+import numpy as np
+import pytest
+import zarr
+
+from imdpipe.pipeline.store import (ArraySpec, Partition, SettingsMismatch, StageStore, partition_shards,
+                                    run_stage)
+
+SPECS = [ArraySpec("x", (3, 2), "float32", ("t", "c")), ArraySpec("n", (), "int32", ())]
+
+
+def _open(path, **kw):
+    args = dict(stage="demo", settings={"size": [4, 4], "mode": "a"}, manifest_sha256="abc", n_items=10,
+                arrays=SPECS, videos_per_shard=4)
+    args.update(kw)
+    return StageStore.open(path, **args)
+
+
+def _produce(fail=()):
+    def produce(indices):
+        for i in indices:
+            if i in fail:
+                yield i, ValueError(f"bad video {i}")
+            else:
+                yield i, {"x": np.full((3, 2), i, np.float32), "n": np.int32(i * 10)}
+    return produce
+
+
+def test_layout_chunks_shards_and_dims(tmp_path):
+    store = _open(tmp_path / "s.zarr")
+    g = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    assert g["x"].chunks == (1, 3, 2) and g["x"].shards == (4, 3, 2)
+    assert g["done"].chunks == (4,) and g["error"].chunks == (4,)
+    assert g["x"].attrs["_ARRAY_DIMENSIONS"] == ["video", "t", "c"]
+    assert g.attrs["settings"] == {"size": [4, 4], "mode": "a", "videos_per_shard": 4}
+    assert g.attrs["stage"] == "demo" and g.attrs["manifest_sha256"] == "abc"
+    assert store.shard_ranges() == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_settings_mismatch_is_refused_naming_keys(tmp_path):
+    _open(tmp_path / "s.zarr")
+    with pytest.raises(SettingsMismatch) as e:
+        _open(tmp_path / "s.zarr", settings={"size": [8, 8], "mode": "a"})
+    assert "size" in str(e.value) and "--overwrite" in str(e.value) and "mode" not in str(e.value)
+    with pytest.raises(SettingsMismatch, match="manifest"):
+        _open(tmp_path / "s.zarr", manifest_sha256="other")
+    # the same settings reopen, in any key order and with tuples for lists
+    _open(tmp_path / "s.zarr", settings={"mode": "a", "size": (4, 4)})
+    # --overwrite rebuilds from nothing
+    store = _open(tmp_path / "s.zarr", settings={"size": [8, 8], "mode": "a"}, overwrite=True)
+    assert store.settings["size"] == [8, 8] and not store.done_mask().any()
+
+
+def test_run_writes_values_errors_and_done_flags_that_survive_reopen(tmp_path):
+    store = _open(tmp_path / "s.zarr")
+    summary = run_stage(store, _produce(fail={5}), eligible=[i for i in range(10) if i != 2],
+                        names=[f"v{i}.mp4" for i in range(10)], show_progress=False)
+    assert (summary.ok, summary.failed, summary.skipped) == (8, 1, 1)
+    assert summary.errors == [(5, "v5.mp4", "ValueError: bad video 5")]
+    again = _open(tmp_path / "s.zarr")
+    done = again.done_mask()
+    assert done.tolist() == [i not in (2, 5) for i in range(10)]
+    assert again.errors()[5] == "ValueError: bad video 5"
+    x = again["x"][:]
+    assert x[7, 0, 0] == 7 and x[2].sum() == 0 and x[5].sum() == 0
+    # a rerun only retries the failed video; a fixed file then succeeds and keeps the others intact
+    summary = run_stage(again, _produce(), eligible=range(10), names=[""] * 10, show_progress=False)
+    assert (summary.ok, summary.already_done) == (2, 8)
+    assert again.done_mask().all() and again.errors()[5] == ""
+    assert again["n"][:].tolist() == [i * 10 for i in range(10)]
+
+
+@pytest.mark.parametrize("n_items,k,count", [(10, 4, 3), (17, 1, 4), (5, 8, 2), (33, 5, 7)])
+def test_partitions_cover_every_index_once_and_never_split_a_shard(tmp_path, n_items, k, count):
+    store = _open(tmp_path / "s.zarr", n_items=n_items, videos_per_shard=k)
+    shards = store.shard_ranges()
+    seen = []
+    for i in range(count):
+        for s, e in partition_shards(shards, Partition(i, count)):
+            assert (s, e) in shards and s % k == 0
+            seen += range(s, e)
+    assert sorted(seen) == list(range(n_items))
+
+
+def test_partition_parse_and_env(monkeypatch):
+    assert Partition.parse("1/3") == Partition(1, 3)
+    with pytest.raises(ValueError, match="i/n"):
+        Partition.parse("1-3")
+    with pytest.raises(ValueError):
+        Partition.parse("3/3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert Partition.parse(None) == Partition(2, 4)
+
+
+def test_two_partitions_write_the_same_store_as_one(tmp_path):
+    one = _open(tmp_path / "one.zarr")
+    run_stage(one, _produce(), eligible=range(10), names=[""] * 10, show_progress=False)
+    two = _open(tmp_path / "two.zarr")
+    for i in range(2):
+        run_stage(_open(tmp_path / "two.zarr"), _produce(), eligible=range(10), names=[""] * 10,
+                  part=Partition(i, 2), show_progress=False)
+    np.testing.assert_array_equal(one["x"][:], two["x"][:])
+    assert two.done_mask().all()

@@ -45,3 +45,7 @@ def labels_cmd(name: Annotated[str, typer.Argument(help="kinetics400, ucf101, hm
 
 # Command registrations: one pair per module in imdpipe/cli/.
 
+from imdpipe.cli.model_info import model_info_cmd  # noqa: E402
+app.command("model-info")(model_info_cmd)
+from imdpipe.cli.flow import extract_flow_cmd  # noqa: E402
+app.command("extract-flow")(extract_flow_cmd)

@@ -1,0 +1,202 @@
+"""The training configuration: one typed dataclass, written as ``config.yaml`` into every run.
+
+Defaults follow the paper (section 4.1: 8-frame 224x224 clips, global batch 64, 15 epochs, SGD
+with initial learning rate 0.005 and weight decay 1e-4; test with 3 spatial crops x 4 temporal
+clips) and Table 4 (alpha 0.25, masking scheme M). Settings the paper does not state (warmup,
+cosine decay, loss weight, clipping, augmentation probability) are marked "paper: not stated" in
+:data:`FIELD_HELP`, which the CLI reuses as its ``--help`` text.
+
+The relevance settings K / Ya / overlap are not options: they come from ``relevance.zarr`` and
+are recorded in ``relevance`` when a run starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imdpipe.heads import FUSIONS, SIZES
+
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+
+# One line per field: what it does and the paper's value. Shown by `imdpipe train --help`.
+FIELD_HELP: dict[str, str] = {
+    # model
+    "size": f"visual transformer size, one of {', '.join(SIZES)} (paper: base = ViT-B/16, 12 blocks)",
+    "fusion": f"fusion head, one of {', '.join(FUSIONS)} (paper: imd)",
+    "modalities": "modalities used, a subset of rgb, flow, audio (paper: rgb flow audio)",
+    "alpha": "IMD threshold: audio dropped when rev < alpha (paper: 0.25, Table 4)",
+    "scheme": "IMD scheme: M masks the audio by delta, W weights it by rev (paper: M)",
+    "drop_rate": "dropout in the transformer and fusion MLPs (paper: not stated; 0)",
+    "drop_path_rate": "stochastic depth of the transformer blocks (paper: not stated; 0)",
+    "init_checkpoint": "timm ViT weights (.pth/.safetensors/.npz file) for the visual streams "
+                       "(paper: ImageNet ViT; default: random init)",
+    # data
+    "num_frames": "frames per clip (paper: 8)",
+    "frame_stride": "step between the clip's frames, in cached positions (paper: not stated; 2)",
+    "crop_size": "side of the square crop fed to the model, a multiple of 16 (paper: 224)",
+    "crop_scale": "area range of the random resized crop, as a share of the frame (paper: not stated; 0.25 1.0)",
+    "hflip": "random horizontal flip, negating flow x (paper: not stated; on)",
+    "cross_modal_p": "probability of intra-class cross-modality augmentation: the audio comes from another "
+                     "training video of the same class (paper: used, section 3.6, probability not stated; 0)",
+    "train_split": "manifest split trained on (paper: the dataset's train split)",
+    "val_split": "split scored (1 centre view) after each epoch to pick checkpoint-best.pt: a split name, "
+                 "'auto' (val if present, else test) or 'none' (best = lowest train loss)",
+    # optimisation
+    "optimizer": "sgd (momentum) or adamw (paper: sgd)",
+    "lr": "initial learning rate for the global batch (paper: 0.005 with SGD)",
+    "momentum": "SGD momentum (paper: not stated; 0.9)",
+    "weight_decay": "weight decay (paper: 1e-4)",
+    "batch_size": "global batch size, split over DDP processes (paper: 64)",
+    "epochs": "training epochs (paper: 15)",
+    "warmup_epochs": "linear warmup before cosine decay, in epochs (paper: not stated; 1)",
+    "min_lr_ratio": "final learning rate of the cosine decay, as a share of lr (paper: not stated; 0)",
+    "label_smoothing": "label smoothing of the cross-entropy (paper: not stated; 0)",
+    "relevance_weight": "lambda: weight of BCE(rev, relevance target) added to the cross-entropy "
+                        "(paper: weighted, value not stated; 1.0)",
+    "grad_clip": "clip the gradient norm to this value, 0 = off (paper: not stated; 1.0)",
+    # system
+    "device": "auto (cuda when available), cpu or cuda",
+    "amp": "bf16 autocast on CUDA (always off on CPU)",
+    "compile": "torch.compile the model",
+    "num_workers": "DataLoader worker processes per training process (0 = main process)",
+    "threads": "torch CPU threads per process, 0 = leave torch's default",
+    "seed": "random seed (data order, augmentation, init)",
+    "log_every": "steps between metric lines in metrics.jsonl",
+    "eval_batch_size": "videos per forward pass when scoring the validation split",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (see :data:`FIELD_HELP` for each field's paper value)."""
+
+    # model
+    size: str = "base"
+    fusion: str = "imd"
+    modalities: tuple[str, ...] = ("rgb", "flow", "audio")
+    alpha: float = 0.25
+    scheme: str = "M"
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    init_checkpoint: str | None = None
+    # data
+    num_frames: int = 8
+    frame_stride: int = 2
+    crop_size: int = 224
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    hflip: bool = True
+    cross_modal_p: float = 0.0
+    train_split: str = "train"
+    val_split: str = "auto"
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 15
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.0
+    relevance_weight: float = 1.0
+    grad_clip: float = 1.0
+    # system
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    threads: int = 0
+    seed: int = 0
+    log_every: int = 10
+    eval_batch_size: int = 4
+    # recorded from the caches when a run starts (not options)
+    relevance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        if self.size not in SIZES:
+            raise ValueError(f"size should be one of {SIZES}, got {self.size!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion should be one of {FUSIONS}, got {self.fusion!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer should be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device should be one of {DEVICES}, got {self.device!r}")
+        if self.crop_size < 16 or self.crop_size % 16:
+            raise ValueError(f"crop_size should be a positive multiple of 16 (the patch size), got {self.crop_size}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale should be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
+        for name in ("num_frames", "frame_stride", "batch_size", "epochs", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} should be >= 1, got {getattr(self, name)}")
+        for name in ("cross_modal_p", "label_smoothing", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} should be in [0, 1], got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "relevance_weight", "grad_clip", "momentum"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} should be >= 0, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.threads < 0:
+            raise ValueError("num_workers and threads should be >= 0")
+        self.model_config(num_classes=1)  # validates fusion/modalities/alpha/scheme together
+
+    def model_config(self, *, num_classes: int, audio_dim: int = 768):
+        """The :class:`imdpipe.heads.ModelConfig` this run trains."""
+        from imdpipe.heads import ModelConfig
+
+        return ModelConfig(num_classes=num_classes, size=self.size, fusion=self.fusion,
+                           modalities=self.modalities, alpha=self.alpha, scheme=self.scheme,
+                           audio_dim=audio_dim, num_frames=self.num_frames, img_size=self.crop_size,
+                           drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
+
+    @property
+    def uses_audio(self) -> bool:
+        return "audio" in self.modalities
+
+    @property
+    def uses_relevance(self) -> bool:
+        return self.fusion == "imd"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modalities"] = list(self.modalities)
+        d["crop_scale"] = list(self.crop_scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config.yaml`` (write, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a ``config.yaml`` written by a run (or by hand) into a :class:`TrainConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (pass the config.yaml of a run directory)")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a mapping of settings, got {type(data).__name__}")
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,460 @@
+"""Clips from the feature caches: ``frames.zarr`` (RGB + quantized flow), ``audio.zarr``, ``relevance.zarr``.
+
+A training item is one random clip of ``num_frames`` cached positions (``frame_stride`` apart)
+of one video, randomly resized-cropped to ``crop_size`` and maybe flipped (a flip negates flow
+x), with the AST embedding, ``has_audio`` flag and relevance target of the audio window nearest
+the clip's centre time. With probability ``cross_modal_p`` those three come from another
+training video of the same class instead (intra-class cross-modality augmentation, paper 3.6).
+
+An evaluation item is one video with ``clips x crops`` views (paper 4.1: 4 x 3): temporal clips
+evenly spaced over the cached positions, and left/centre/right squares of the frame's short side
+(the same as resizing the short side to the crop size, then cropping; FIELD_NOTES "Multi-view
+test"), each view with the audio window covering its clip.
+
+Resizing a flow field by a factor also scales its displacements by that factor, so flow stays in
+pixels of the model's input. Randomness comes from ``(seed, epoch, video index)`` only, so a
+clip is the same whatever the worker, the rank or a resumed run. Zarr handles are not fork-safe:
+each process opens the stores itself on first use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch.utils.data import Dataset
+
+from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
+from imdpipe.pipeline.manifest import Manifest, read_manifest
+from imdpipe.pipeline.store import DONE, normalize_settings
+
+FRAMES_STORE = "frames.zarr"
+AUDIO_STORE = "audio.zarr"
+RELEVANCE_STORE = "relevance.zarr"
+STAGES = {FRAMES_STORE: "flow", AUDIO_STORE: "audio", RELEVANCE_STORE: "relevance"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_FLOW_BOUND = 20.0
+DEFAULT_WINDOW_S = 10.24
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: which stores, their provenance, which videos are usable
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CacheInfo:
+    """What a run needs to know about one cache directory (read once, in the main process)."""
+
+    root: Path
+    manifest: Manifest
+    stores: dict[str, Path]  # store file name -> path, only the stores this run reads
+    frames_T: int
+    frame_size: tuple[int, int]  # (H, W) of the cached frames
+    flow_bound: float
+    window_s: float
+    audio_dim: int
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+
+def _store_provenance(group: zarr.Group) -> dict:
+    attrs = dict(group.attrs)
+    prov = {"stage": attrs.get("stage"), "settings": attrs.get("settings", {}),
+            "manifest_sha256": attrs.get("manifest_sha256"), "imdpipe_version": attrs.get("imdpipe_version")}
+    for key in ("model", "K", "Ya", "overlap", "savld_sha256", "savld_hash"):
+        if key in attrs:
+            prov[key] = attrs[key]
+    return normalize_settings(prov)
+
+
+def open_cache(cache: str | Path, *, audio: bool, relevance: bool) -> CacheInfo:
+    """Check the stores a run needs exist and agree with the manifest; read their provenance.
+
+    Args:
+        cache: the cache root (holds manifest.csv and the stage stores).
+        audio: the run uses the audio modality (needs ``audio.zarr``).
+        relevance: the run trains or scores IMD's rev (needs ``relevance.zarr``).
+    """
+    root = Path(cache)
+    manifest = read_manifest(root)
+    wanted = [FRAMES_STORE] + ([AUDIO_STORE] if audio or relevance else []) + ([RELEVANCE_STORE] if relevance else [])
+    hints = {FRAMES_STORE: "imdpipe extract-flow", AUDIO_STORE: "imdpipe extract-audio",
+             RELEVANCE_STORE: "imdpipe build-savld / imdpipe relevance"}
+    stores, provenance = {}, {}
+    for name in wanted:
+        path = root / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run `{hints[name]} --cache {root}` first.")
+        group = zarr.open_group(path, mode="r")
+        prov = _store_provenance(group)
+        if prov["stage"] != STAGES[name]:
+            raise ValueError(f"{path} is a {prov['stage']!r} store, expected {STAGES[name]!r}")
+        if prov["manifest_sha256"] != manifest.sha256:
+            raise ValueError(f"{path} was built for another manifest.csv (the dataset was re-indexed since); "
+                             f"rebuild it with `{hints[name]} --cache {root} --overwrite`.")
+        if group[DONE].shape[0] != len(manifest):
+            raise ValueError(f"{path} holds {group[DONE].shape[0]} videos but the manifest has {len(manifest)}")
+        stores[name] = path
+        provenance[name] = prov
+    frames = zarr.open_group(stores[FRAMES_STORE], mode="r")
+    n, T, H, W, _ = frames["rgb"].shape
+    bound = float(frames["flow"].attrs.get("bound", DEFAULT_FLOW_BOUND))
+    window_s, audio_dim = DEFAULT_WINDOW_S, 768
+    if AUDIO_STORE in stores:
+        ag = zarr.open_group(stores[AUDIO_STORE], mode="r")
+        window_s = float(ag.attrs.get("settings", {}).get("window_s", DEFAULT_WINDOW_S))
+        audio_dim = int(ag["embedding"].shape[-1])
+    prov = {"manifest_sha256": manifest.sha256, "labels": list(manifest.labels), "stores": provenance}
+    return CacheInfo(root=root, manifest=manifest, stores=stores, frames_T=int(T), frame_size=(int(H), int(W)),
+                     flow_bound=bound, window_s=window_s, audio_dim=audio_dim, provenance=prov)
+
+
+def relevance_settings(info: CacheInfo) -> dict:
+    """K, Ya and the overlap measure of ``relevance.zarr`` (recorded into the run config)."""
+    prov = info.provenance["stores"].get(RELEVANCE_STORE)
+    if prov is None:
+        return {}
+    settings = prov.get("settings", {})
+    return {key: prov.get(key, settings.get(key)) for key in ("K", "Ya", "overlap")}
+
+
+def compare_provenance(trained: dict, cache: dict) -> tuple[list[str], list[str]]:
+    """Differences between a checkpoint's cache provenance and another cache's.
+
+    Returns ``(problems, notes)``: problems make the caches incompatible (label list, settings
+    of a store both use); notes are worth printing (another manifest, same settings).
+    """
+    problems, notes = [], []
+    if list(trained.get("labels", [])) != list(cache.get("labels", [])):
+        problems.append(f"labels: the run was trained on {len(trained.get('labels', []))} classes "
+                        f"{trained.get('labels', [])[:5]}..., this cache has {len(cache.get('labels', []))} "
+                        f"{cache.get('labels', [])[:5]}...")
+    for name, prov in trained.get("stores", {}).items():
+        other = cache.get("stores", {}).get(name)
+        if other is None:
+            continue
+        for key in sorted(set(prov) - {"manifest_sha256", "imdpipe_version"}):
+            if key == "settings":
+                a, b = prov["settings"], other.get("settings", {})
+                for sk in sorted(set(a) | set(b)):
+                    if sk == "videos_per_shard":
+                        continue  # storage layout, not content
+                    if a.get(sk) != b.get(sk):
+                        problems.append(f"{name} setting {sk}: run has {a.get(sk)!r}, cache has {b.get(sk)!r}")
+            elif prov.get(key) != other.get(key):
+                problems.append(f"{name} {key}: run has {prov.get(key)!r}, cache has {other.get(key)!r}")
+    if trained.get("manifest_sha256") != cache.get("manifest_sha256"):
+        notes.append("this cache has another manifest.csv than the one the run was trained on "
+                     "(same labels and store settings): make sure its test videos were not trained on")
+    return problems, notes
+
+
+@dataclass
+class Selection:
+    """The videos of one split that every needed stage finished, and the ones left out."""
+
+    indices: list[int]
+    left_out: dict[str, int]  # reason -> count
+    examples: list[str]  # a few "video_id: reason" lines
+
+    @property
+    def n_left_out(self) -> int:
+        return sum(self.left_out.values())
+
+
+def select_videos(info: CacheInfo, split: str) -> Selection:
+    """Videos of ``split`` usable for this run; failed ones are counted by reason, never dropped silently."""
+    manifest = info.manifest
+    rows = [r for r in manifest.records if r.split == split]
+    done = {name: np.asarray(zarr.open_group(path, mode="r")[DONE][:], dtype=bool)
+            for name, path in info.stores.items()}
+    keep, reasons, examples = [], Counter(), []
+    for r in rows:
+        why = None
+        if not r.ok:
+            why = "index failed (manifest status error)"
+        else:
+            for name, mask in done.items():
+                if not mask[r.index]:
+                    why = f"{STAGES[name]} stage not done ({name})"
+                    break
+        if why is None:
+            keep.append(r.index)
+        else:
+            reasons[why] += 1
+            if len(examples) < 5:
+                examples.append(f"{r.video_id}: {why}")
+    return Selection(indices=keep, left_out=dict(reasons), examples=examples)
+
+
+def report_selection(sel: Selection, split: str, console) -> None:
+    """Print how many videos of a split are used and why the others are left out."""
+    msg = f"split {split!r}: {len(sel.indices)} videos"
+    if sel.n_left_out:
+        msg += f", [yellow]{sel.n_left_out} left out[/yellow] (" + ", ".join(
+            f"{n} {why}" for why, n in sel.left_out.items()) + ")"
+    console.print(msg)
+    for line in sel.examples if sel.n_left_out else []:
+        console.print(f"  left out {line}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: clip positions, crops, windows
+# ---------------------------------------------------------------------------------------------
+def clip_positions(start: int, num_frames: int, stride: int, T: int) -> np.ndarray:
+    """Cached positions of a clip starting at ``start``; positions past the end repeat the last one."""
+    return np.minimum(start + stride * np.arange(num_frames), T - 1)
+
+
+def clip_span(num_frames: int, stride: int) -> int:
+    return (num_frames - 1) * stride + 1
+
+
+def eval_starts(T: int, num_frames: int, stride: int, clips: int) -> list[int]:
+    """Starts of ``clips`` temporal clips evenly spaced over ``T`` positions (1 clip: centred)."""
+    last = max(T - clip_span(num_frames, stride), 0)
+    if clips == 1:
+        return [last // 2]
+    return [int(round(x)) for x in np.linspace(0, last, clips)]
+
+
+def eval_boxes(H: int, W: int, crops: int) -> list[tuple[int, int, int, int]]:
+    """Square boxes ``(y0, x0, side, side)`` of the short side: left/centre/right (or top/centre/bottom)."""
+    side = min(H, W)
+    long_extent = max(H, W) - side
+    offsets = [long_extent // 2] if crops == 1 else [int(round(x)) for x in np.linspace(0, long_extent, crops)]
+    return [(o, 0, side, side) if H > W else (0, o, side, side) for o in offsets]
+
+
+def random_resized_box(rng: np.random.Generator, H: int, W: int, scale: tuple[float, float],
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A random box ``(y0, x0, h, w)`` covering ``scale`` of the area with aspect in ``ratio``
+    (the Inception-style crop of torchvision's RandomResizedCrop), falling back to the centre square."""
+    area = H * W
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    side = min(H, W)
+    return (H - side) // 2, (W - side) // 2, side, side
+
+
+def nearest_window(window_start_s: np.ndarray, window_s: float, t: float) -> int:
+    """Index of the audio window whose centre is nearest time ``t`` (seconds)."""
+    centres = np.asarray(window_start_s, dtype=np.float64) + window_s / 2
+    return int(np.argmin(np.abs(centres - t)))
+
+
+def clip_centre_time(frame_index: np.ndarray, positions: np.ndarray, fps: float) -> float:
+    """Centre time (s) of a clip from the source frame indices of its first and last positions."""
+    first, last = float(frame_index[positions[0]]), float(frame_index[positions[-1]])
+    return (first + last) / 2 / fps if fps > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel transforms
+# ---------------------------------------------------------------------------------------------
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+
+
+def rgb_to_input(rgb: np.ndarray, size: int, flip: bool) -> torch.Tensor:
+    """uint8 ``(t, h, w, 3)`` crop -> normalized float ``(t, 3, size, size)``."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if flip:
+        x = x.flip(-1)
+    return (x - _MEAN) / _STD
+
+
+def flow_to_input(flow: np.ndarray, size: int, flip: bool, bound: float) -> torch.Tensor:
+    """uint8 quantized ``(t, h, w, 2)`` crop -> flow in pixels of the resized crop ``(t, 2, size, size)``.
+
+    Dequantizes ``v = q * 2 * bound / 255 - bound``, resizes, scales x by ``size / w`` and y by
+    ``size / h`` (a displacement grows with the image), and a flip mirrors and negates x.
+    """
+    t, h, w, _ = flow.shape
+    x = dequantize(torch.from_numpy(np.ascontiguousarray(flow)).permute(0, 3, 1, 2), bound)
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x[:, 0] *= size / w
+        x[:, 1] *= size / h
+    return hflip_flow(x) if flip else x
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+class ClipDataset(Dataset):
+    """Clips of cached videos for training (``mode="train"``) or multi-view scoring (``mode="eval"``).
+
+    Args:
+        info: the cache, from :func:`open_cache`.
+        indices: manifest indices of the videos (see :func:`select_videos`).
+        mode: ``"train"`` (one random clip) or ``"eval"`` (``clips x crops`` fixed views).
+        modalities: subset of rgb, flow, audio to read.
+        relevance: read relevance targets.
+        num_frames: frames per clip.
+        frame_stride: step between a clip's frames, in cached positions.
+        crop_size: side of the model input.
+        crop_scale: area range of the random resized crop (train).
+        hflip: random horizontal flips (train).
+        cross_modal_p: probability of taking audio, has_audio and target from another video
+            of the same class among ``indices`` (train).
+        clips, crops: temporal clips and spatial crops per video (eval).
+        seed: base seed; item randomness is drawn from ``(seed, epoch, video index)``.
+    """
+
+    def __init__(self, info: CacheInfo, indices: list[int], *, mode: str = "train",
+                 modalities=("rgb", "flow", "audio"), relevance: bool = True, num_frames: int = 8,
+                 frame_stride: int = 2, crop_size: int = 224, crop_scale=(0.25, 1.0), hflip: bool = True,
+                 cross_modal_p: float = 0.0, clips: int = 4, crops: int = 3, seed: int = 0):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode should be 'train' or 'eval', got {mode!r}")
+        self.root = info.root
+        self.stores = dict(info.stores)
+        self.indices = [int(i) for i in indices]
+        self.mode = mode
+        self.modalities = tuple(modalities)
+        self.read_audio = "audio" in self.modalities or relevance
+        self.relevance = relevance
+        self.num_frames, self.frame_stride = num_frames, frame_stride
+        self.crop_size, self.crop_scale = crop_size, tuple(crop_scale)
+        self.hflip, self.cross_modal_p = hflip, cross_modal_p
+        self.clips, self.crops = clips, crops
+        self.seed, self.epoch = seed, 0
+        self.T, (self.H, self.W) = info.frames_T, info.frame_size
+        self.flow_bound, self.window_s = info.flow_bound, info.window_s
+        self.audio_dim = info.audio_dim
+        records = info.manifest.records
+        self.fps = {i: records[i].fps for i in self.indices}
+        self.labels = {i: records[i].label for i in self.indices}
+        self.class_pool: dict[int, list[int]] = {}
+        for i in self.indices:
+            self.class_pool.setdefault(self.labels[i], []).append(i)
+        if self.read_audio and AUDIO_STORE not in self.stores:
+            raise ValueError("audio.zarr is needed for the audio modality or relevance targets")
+        if relevance and RELEVANCE_STORE not in self.stores:
+            raise ValueError("relevance.zarr is needed for relevance targets")
+        self._pid = None
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's random clips (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+
+    @property
+    def views(self) -> int:
+        return self.clips * self.crops if self.mode == "eval" else 1
+
+    # -- lazily opened, per process ------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        if self._pid != os.getpid():  # first use in this process (or after a fork)
+            self._arrays, self._pid = {}, os.getpid()
+        arr = self._arrays.get(name)
+        if arr is None:
+            store, key = name.split("/")
+            arr = zarr.open_group(self.stores[store], mode="r")[key]
+            self._arrays[name] = arr
+        return arr
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = {}, None  # handles never cross a process boundary
+        return state
+
+    # -- audio ---------------------------------------------------------------------------------
+    def _audio(self, index: int, t: float) -> tuple[np.ndarray, bool, float, int]:
+        """Embedding, has_audio, relevance target and window of the window nearest time ``t``."""
+        starts = np.asarray(self._array(f"{AUDIO_STORE}/window_start_s")[index])
+        w = nearest_window(starts, self.window_s, t)
+        emb = np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index, w], dtype=np.float32)
+        has = bool(self._array(f"{AUDIO_STORE}/has_audio")[index])
+        target = float(self._array(f"{RELEVANCE_STORE}/target")[index, w]) if self.relevance else float("nan")
+        return emb, has, target, w
+
+    # -- items ---------------------------------------------------------------------------------
+    def __getitem__(self, item: int) -> dict:
+        index = self.indices[item]
+        return self._train_item(index) if self.mode == "train" else self._eval_item(index)
+
+    def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
+        y0, x0, h, w = box
+        uniq, inverse = np.unique(positions, return_inverse=True)
+        block = self._array(f"{FRAMES_STORE}/{key}").get_orthogonal_selection(
+            (index, uniq, slice(y0, y0 + h), slice(x0, x0 + w)))
+        return block if len(uniq) == len(positions) else block[inverse]
+
+    def _train_item(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        span = clip_span(self.num_frames, self.frame_stride)
+        start = int(rng.integers(0, max(self.T - span, 0) + 1))
+        positions = clip_positions(start, self.num_frames, self.frame_stride, self.T)
+        box = random_resized_box(rng, self.H, self.W, self.crop_scale)
+        flip = bool(self.hflip and rng.random() < 0.5)
+        swap = self.cross_modal_p > 0 and rng.random() < self.cross_modal_p
+        out = {"label": self.labels[index], "index": index}
+        if "rgb" in self.modalities:
+            out["rgb"] = rgb_to_input(self._read("rgb", index, positions, box), self.crop_size, flip)
+        if "flow" in self.modalities:
+            out["flow"] = flow_to_input(self._read("flow", index, positions, box), self.crop_size, flip,
+                                        self.flow_bound)
+        if self.read_audio:
+            t = clip_centre_time(self._array(f"{FRAMES_STORE}/frame_index")[index], positions, self.fps[index])
+            donor = index
+            if swap:
+                pool = [j for j in self.class_pool[self.labels[index]] if j != index]
+                if pool:
+                    donor = pool[int(rng.integers(len(pool)))]
+            emb, has, target, _ = self._audio(donor, t)
+            out.update(audio=torch.from_numpy(emb), has_audio=has, target=target, audio_source=donor)
+        return out
+
+    def _eval_item(self, index: int) -> dict:
+        starts = eval_starts(self.T, self.num_frames, self.frame_stride, self.clips)
+        boxes = eval_boxes(self.H, self.W, self.crops)
+        clip_pos = [clip_positions(s, self.num_frames, self.frame_stride, self.T) for s in starts]
+        out = {"label": self.labels[index], "index": index}
+        for key, convert in (("rgb", rgb_to_input), ("flow", None)):
+            if key not in self.modalities:
+                continue
+            every = np.concatenate(clip_pos)
+            frames = self._read(key, index, every, (0, 0, self.H, self.W))  # (clips * t, H, W, C)
+            views = []
+            for c in range(len(starts)):
+                seg = frames[c * self.num_frames:(c + 1) * self.num_frames]
+                for y0, x0, h, w in boxes:
+                    crop = seg[:, y0:y0 + h, x0:x0 + w]
+                    views.append(rgb_to_input(crop, self.crop_size, False) if convert else
+                                 flow_to_input(crop, self.crop_size, False, self.flow_bound))
+            out[key] = torch.stack(views)  # (V, t, C, S, S), clip-major
+        if self.read_audio:
+            fi = self._array(f"{FRAMES_STORE}/frame_index")[index]
+            embs, targets, windows = [], [], []
+            for pos in clip_pos:
+                emb, has, target, w = self._audio(index, clip_centre_time(fi, pos, self.fps[index]))
+                embs += [emb] * len(boxes)
+                targets += [target] * len(boxes)
+                windows += [w] * len(boxes)
+            out.update(audio=torch.from_numpy(np.stack(embs)), has_audio=has,
+                       target=torch.tensor(targets, dtype=torch.float32), window=torch.tensor(windows))
+        return out

@@ -1,0 +1,224 @@
+"""Multi-view evaluation of a trained run: ``evaluate(run=..., cache=..., split="test")``.
+
+Paper 4.1: 3 spatial crops x 4 temporal clips per video, softmax averaged over the views, top-1
+and top-5. Also per-class accuracy, a confusion-matrix PNG, the share of views whose audio IMD
+dropped (``rev < alpha``), and, when ground-truth audio relevance is known (the synthetic data
+writes ``ground_truth.csv``), the ROC AUC of rev against it (a video's rev = mean over its views).
+
+``RUN/metrics.json`` (or ``metrics-<split>.json`` for other splits) fields:
+
+* ``top1``, ``top5``: percent of videos; ``views``: views per video; ``num_clips``: videos scored;
+* ``per_class``: ``{class: {"top1": percent, "n": videos}}``;
+* ``audio_dropped``: ``{"overall": share, "per_class": {class: share}}`` or null (no IMD);
+* ``relevance_auc``: AUC in [0, 1] or null when unknown; ``relevance_auc_n``: videos used;
+* ``confusion``: counts ``[true][predicted]``; ``checkpoint``, ``epoch``, ``cache``, ``split``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from imdpipe.train.config import TrainConfig
+from imdpipe.train.data import ClipDataset, compare_provenance, open_cache, report_selection, select_videos
+from imdpipe.train.loop import score_views
+from imdpipe.train.runtime import load_checkpoint, model_from_checkpoint, run_dir_checkpoint, select_device
+
+GROUND_TRUTH_NAME = "ground_truth.csv"
+
+
+def mann_whitney_auc(scores, positives) -> float | None:
+    """ROC AUC as the Mann-Whitney U statistic: P(score of a positive > score of a negative),
+    ties counted one half (average ranks). None when a class is empty."""
+    scores = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positives, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average rank (1-based) over runs of ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def read_ground_truth(path: str | Path) -> dict[str, bool]:
+    """``video_id -> relevant`` from a CSV with columns video_id and relevant (1/0, true/false)."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"video_id", "relevant"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path} needs columns video_id and relevant, has {reader.fieldnames}")
+        return {row["video_id"]: row["relevant"].strip().lower() in ("1", "true", "yes") for row in reader}
+
+
+def find_ground_truth(cache: Path, video_paths: list[str]) -> Path | None:
+    """``ground_truth.csv`` in the cache or its parent, else up to 3 levels above the videos."""
+    candidates = [cache / GROUND_TRUTH_NAME, cache.parent / GROUND_TRUTH_NAME]
+    if video_paths:
+        p = Path(video_paths[0])
+        p = p if p.is_absolute() else cache / p
+        candidates += [parent / GROUND_TRUTH_NAME for parent in list(p.parents)[:3]]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def top_k_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, probs.shape[1])
+    return (probs.topk(k, dim=1).indices == labels[:, None]).any(1)
+
+
+def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: int = 3, clips: int = 4,
+             ground_truth: str | Path | None = None, checkpoint: str = "best", batch_size: int | None = None,
+             num_workers: int | None = None, device: str | None = None, out: str | Path | None = None,
+             console=None, show_progress: bool = True) -> dict:
+    """Score a run's checkpoint on one split of a cache and write metrics.json + a confusion matrix.
+
+    Args:
+        run: the run directory (or a checkpoint file).
+        cache: the cache to score (its provenance must match the checkpoint's).
+        split: manifest split.
+        crops, clips: spatial crops and temporal clips per video (paper: 3 x 4).
+        ground_truth: CSV (video_id, relevant) for the relevance AUC; default: auto-detected
+            ``ground_truth.csv`` next to the cache or above its videos.
+        checkpoint: ``best`` or ``last``.
+        batch_size: videos per forward pass (default: the run's eval_batch_size).
+        num_workers: DataLoader workers (default: the run's).
+        device: ``auto``, ``cpu`` or ``cuda`` (default: the run's).
+        out: directory for metrics.json and the PNG (default: the run directory).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    if crops < 1 or clips < 1:
+        raise ValueError(f"crops and clips should be >= 1, got {crops} and {clips}")
+    ckpt_path = run_dir_checkpoint(run, checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    config = TrainConfig.from_dict(ckpt["config"])
+    cache = Path(cache)
+    info = open_cache(cache, audio=config.uses_audio, relevance=False)
+    problems, notes = compare_provenance(ckpt["provenance"], info.provenance)
+    if problems:
+        raise ValueError(f"{cache} does not match the caches {ckpt_path} was trained on:\n  " + "\n  ".join(problems)
+                         + "\nRebuild the cache with the run's settings (see its config.yaml and checkpoint "
+                           "provenance) or evaluate another run.")
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    sel = select_videos(info, split)
+    report_selection(sel, split, console)
+    if not sel.indices:
+        raise ValueError(f"no usable videos in split {split!r} of {cache}")
+    dev = select_device(device or config.device)
+    model = model_from_checkpoint(ckpt, dev)
+    labels = list(ckpt["labels"])
+    ds = ClipDataset(info, sel.indices, mode="eval", modalities=config.modalities, relevance=False,
+                     num_frames=config.num_frames, frame_stride=config.frame_stride, crop_size=config.crop_size,
+                     clips=clips, crops=crops, seed=config.seed)
+    loader = DataLoader(ds, batch_size=batch_size or config.eval_batch_size, shuffle=False,
+                        num_workers=config.num_workers if num_workers is None else num_workers)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not show_progress) as progress:
+        task = progress.add_task(f"evaluate {split} ({clips}x{crops} views)", total=len(ds))
+        res = score_views(model, loader, modalities=config.modalities, device=dev, amp=config.amp,
+                          progress=progress, task=task)
+
+    probs, y = res["probs"], res["labels"]
+    pred = probs.argmax(1)
+    n_classes = len(labels)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
+    per_class = {}
+    for c, name in enumerate(labels):
+        n = int(confusion[c].sum())
+        per_class[name] = {"top1": float(100.0 * confusion[c, c] / n) if n else None, "n": n}
+    audio_dropped = None
+    if res["rev"] is not None:
+        dropped = (res["rev"] < model.relevance_threshold).float()  # (N, V)
+        audio_dropped = {"overall": dropped.mean().item(), "per_class": {
+            name: (dropped[y == c].mean().item() if (y == c).any() else None) for c, name in enumerate(labels)}}
+    auc, auc_n, gt_path = None, 0, None
+    if res["rev"] is not None:
+        gt_path = Path(ground_truth) if ground_truth else find_ground_truth(cache, [info.manifest.records[i].path
+                                                                                    for i in sel.indices])
+        if gt_path is not None:
+            truth = read_ground_truth(gt_path)
+            ids = [info.manifest.records[int(i)].video_id for i in res["indices"]]
+            known = [k for k, vid in enumerate(ids) if vid in truth]
+            if known:
+                video_rev = res["rev"].mean(1).numpy()
+                auc = mann_whitney_auc(video_rev[known], [truth[ids[k]] for k in known])
+                auc_n = len(known)
+    metrics = {
+        "top1": 100.0 * (pred == y).float().mean().item(),
+        "top5": 100.0 * top_k_correct(probs, y, 5).float().mean().item(),
+        "views": clips * crops, "clips": clips, "crops": crops, "num_clips": int(len(y)),
+        "left_out": sel.n_left_out, "per_class": per_class, "audio_dropped": audio_dropped,
+        "relevance_auc": auc, "relevance_auc_n": auc_n, "ground_truth": str(gt_path) if gt_path else None,
+        "confusion": confusion.tolist(), "labels": labels, "split": split, "cache": str(cache),
+        "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "fusion": config.fusion,
+        "modalities": list(config.modalities),
+    }
+    out_dir = Path(out) if out else (ckpt_path.parent if Path(run).is_file() else Path(run))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if split == "test" else f"-{split}"
+    metrics_path = out_dir / f"metrics{suffix}.json"
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    tmp.replace(metrics_path)
+    plot_confusion(confusion, labels, out_dir / f"confusion{suffix}.png", title=f"{split}: top-1 {metrics['top1']:.1f}%")
+    metrics["metrics_path"] = str(metrics_path)
+    _print(metrics, console)
+    return metrics
+
+
+def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, *, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    side = min(max(4.0, 0.35 * n + 2), 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    rows = confusion.sum(1, keepdims=True)
+    ax.imshow(confusion / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=6)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _print(m: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"evaluation on {m['split']} ({m['views']} views)", show_header=False)
+    table.add_row("videos", str(m["num_clips"]))
+    table.add_row("top-1", f"{m['top1']:.2f}%")
+    table.add_row("top-5", f"{m['top5']:.2f}%")
+    if m["audio_dropped"] is not None:
+        table.add_row("audio dropped (IMD)", f"{100 * m['audio_dropped']['overall']:.1f}% of views")
+    table.add_row("relevance AUC", "-" if m["relevance_auc"] is None else
+                  f"{m['relevance_auc']:.3f} ({m['relevance_auc_n']} videos)")
+    table.add_row("metrics", m["metrics_path"])
+    console.print(table)

@@ -1,0 +1,161 @@
+"""Devices, autocast, seeding, torchrun/DDP setup and checkpoints: what every loop here shares.
+
+The same torch code runs on CPU and CUDA; only the device, the DDP backend (gloo / NCCL) and
+autocast (bf16 on CUDA, ``nullcontext`` on CPU as nanoGPT does) change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_LAST = "checkpoint-last.pt"
+CHECKPOINT_BEST = "checkpoint-best.pt"
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for but torch sees no CUDA GPU; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (epoch, rank, ...), stable across runs and processes."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0]
+               % (2**63 - 1))
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class Dist:
+    """This process's place in a (maybe single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sum numbers over processes (identity when alone)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun group described by RANK / WORLD_SIZE / LOCAL_RANK (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name, local_rank)
+    if world <= 1:
+        return Dist(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        here = True
+    return Dist(rank=rank, world=world, local_rank=local_rank, initialized_here=here), device
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename (a kill never leaves half a checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (is it a run directory written by `imdpipe train`?)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def state_sha256(state_dict: dict) -> str:
+    """Hash of a state dict's names, shapes, dtypes and bytes (to compare weights across processes)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device):
+    """Rebuild the model a checkpoint was trained as and load its weights."""
+    from imdpipe.heads import ModelConfig, build_model
+
+    model = build_model(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def run_dir_checkpoint(run: str | Path, which: str = "best") -> Path:
+    """``checkpoint-best.pt`` / ``checkpoint-last.pt`` of a run directory, or a checkpoint file itself."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    names = {"best": CHECKPOINT_BEST, "last": CHECKPOINT_LAST}
+    if which not in names:
+        raise ValueError(f"checkpoint should be 'best' or 'last', got {which!r}")
+    return run / names[which]

@@ -430,31 +430,64 @@ class ClipDataset(Dataset):
         return out
 
     def _eval_item(self, index: int) -> dict:
-        starts = eval_starts(self.T, self.num_frames, self.frame_stride, self.clips)
-        boxes = eval_boxes(self.H, self.W, self.crops)
-        clip_pos = [clip_positions(s, self.num_frames, self.frame_stride, self.T) for s in starts]
-        out = {"label": self.labels[index], "index": index}
-        for key, convert in (("rgb", rgb_to_input), ("flow", None)):
-            if key not in self.modalities:
-                continue
-            every = np.concatenate(clip_pos)
-            frames = self._read(key, index, every, (0, 0, self.H, self.W))  # (clips * t, H, W, C)
-            views = []
-            for c in range(len(starts)):
-                seg = frames[c * self.num_frames:(c + 1) * self.num_frames]
-                for y0, x0, h, w in boxes:
-                    crop = seg[:, y0:y0 + h, x0:x0 + w]
-                    views.append(rgb_to_input(crop, self.crop_size, False) if convert else
-                                 flow_to_input(crop, self.crop_size, False, self.flow_bound))
-            out[key] = torch.stack(views)  # (V, t, C, S, S), clip-major
+        frames = {key: self._array(f"{FRAMES_STORE}/{key}")[index] for key in ("rgb", "flow") if key in self.modalities}
+        fi = np.asarray(self._array(f"{FRAMES_STORE}/frame_index")[index])
+        audio = None
         if self.read_audio:
-            fi = self._array(f"{FRAMES_STORE}/frame_index")[index]
-            embs, targets, windows = [], [], []
-            for pos in clip_pos:
-                emb, has, target, w = self._audio(index, clip_centre_time(fi, pos, self.fps[index]))
-                embs += [emb] * len(boxes)
-                targets += [target] * len(boxes)
-                windows += [w] * len(boxes)
-            out.update(audio=torch.from_numpy(np.stack(embs)), has_audio=has,
-                       target=torch.tensor(targets, dtype=torch.float32), window=torch.tensor(windows))
+            audio = {"embedding": np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index], dtype=np.float32),
+                     "window_start_s": np.asarray(self._array(f"{AUDIO_STORE}/window_start_s")[index]),
+                     "has_audio": bool(self._array(f"{AUDIO_STORE}/has_audio")[index])}
+            if self.relevance:
+                audio["target"] = np.asarray(self._array(f"{RELEVANCE_STORE}/target")[index], dtype=np.float32)
+        out = eval_views(rgb=frames.get("rgb"), flow=frames.get("flow"), frame_index=fi, fps=self.fps[index],
+                         audio=audio, num_frames=self.num_frames, frame_stride=self.frame_stride,
+                         crop_size=self.crop_size, clips=self.clips, crops=self.crops, flow_bound=self.flow_bound,
+                         window_s=self.window_s)
+        out.update(label=self.labels[index], index=index)
         return out
+
+
+def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: np.ndarray, fps: float,
+               audio: dict | None, num_frames: int, frame_stride: int, crop_size: int, clips: int, crops: int,
+               flow_bound: float = DEFAULT_FLOW_BOUND, window_s: float = DEFAULT_WINDOW_S) -> dict:
+    """The ``clips x crops`` test views of one video's cached arrays (clip-major order).
+
+    Args:
+        rgb, flow: uint8 ``(T, H, W, 3)`` / ``(T, H, W, 2)`` as stored in frames.zarr (None: not used).
+        frame_index: ``(T,)`` source frame of each position; ``fps`` converts it to seconds.
+        audio: ``embedding`` (W, D), ``window_start_s`` (W,), ``has_audio`` and maybe ``target``
+            (W,) as stored in audio.zarr / relevance.zarr, or None.
+
+    Returns:
+        ``rgb`` (V, t, 3, S, S), ``flow`` (V, t, 2, S, S), ``audio`` (V, D), ``has_audio``,
+        ``target`` (V,) and ``window`` (V,) for what was given.
+    """
+    T = len(frame_index)
+    H, W = (rgb if rgb is not None else flow).shape[1:3] if (rgb is not None or flow is not None) else (0, 0)
+    starts = eval_starts(T, num_frames, frame_stride, clips)
+    boxes = eval_boxes(H, W, crops) if H else []
+    clip_pos = [clip_positions(s, num_frames, frame_stride, T) for s in starts]
+    out: dict = {}
+    for key, frames in (("rgb", rgb), ("flow", flow)):
+        if frames is None:
+            continue
+        views = []
+        for pos in clip_pos:
+            seg = frames[pos]
+            for y0, x0, h, w in boxes:
+                crop = seg[:, y0:y0 + h, x0:x0 + w]
+                views.append(rgb_to_input(crop, crop_size, False) if key == "rgb" else
+                             flow_to_input(crop, crop_size, False, flow_bound))
+        out[key] = torch.stack(views)  # (V, t, C, S, S)
+    if audio is not None:
+        per_clip = max(len(boxes), 1) if (rgb is not None or flow is not None) else crops
+        windows = []
+        for pos in clip_pos:
+            windows += [nearest_window(audio["window_start_s"], window_s,
+                                       clip_centre_time(frame_index, pos, fps))] * per_clip
+        out["audio"] = torch.from_numpy(np.asarray(audio["embedding"], dtype=np.float32)[windows])
+        out["has_audio"] = bool(audio["has_audio"])
+        out["window"] = torch.tensor(windows)
+        if "target" in audio:
+            out["target"] = torch.from_numpy(np.asarray(audio["target"], dtype=np.float32)[windows])
+    return out

@@ -163,7 +163,7 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     metrics = {
         "top1": 100.0 * (pred == y).float().mean().item(),
         "top5": 100.0 * top_k_correct(probs, y, 5).float().mean().item(),
-        "views": clips * crops, "clips": clips, "crops": crops, "num_clips": int(len(y)),
+        "views": clips * crops, "clips": clips, "crops": crops, "num_clips": len(y),
         "left_out": sel.n_left_out, "per_class": per_class, "audio_dropped": audio_dropped,
         "relevance_auc": auc, "relevance_auc_n": auc_n, "ground_truth": str(gt_path) if gt_path else None,
         "confusion": confusion.tolist(), "labels": labels, "split": split, "cache": str(cache),

@@ -29,9 +29,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from imdpipe.train.config import TrainConfig, save_config
 from imdpipe.train.data import ClipDataset, open_cache, relevance_settings, report_selection, select_videos
-from imdpipe.train.runtime import (CHECKPOINT_BEST, CHECKPOINT_LAST, Dist, autocast_context, derived_seed,
-                                   init_distributed, load_checkpoint, rng_states, save_checkpoint,
-                                   seed_everything, set_rng_states, state_sha256)
+from imdpipe.train.runtime import (
+    CHECKPOINT_BEST,
+    CHECKPOINT_LAST,
+    Dist,
+    autocast_context,
+    derived_seed,
+    init_distributed,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_rng_states,
+    state_sha256,
+)
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "training-curves.png"

@@ -1,4 +1,5 @@
 """Tests of imdpipe.heads: shapes, gradients, IMD masking, TimeSformer init invariance, ViT init."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,17 @@ def modalities_for(fusion: str) -> tuple[str, ...]:
 
 
 def make_cfg(fusion: str = "imd", **kw) -> ModelConfig:
-    base = dict(num_classes=NUM_CLASSES, size="tiny", fusion=fusion, modalities=modalities_for(fusion),
-                alpha=0.25, scheme="M", audio_dim=AUDIO, num_frames=T, img_size=IMG)
+    base = {
+        "num_classes": NUM_CLASSES,
+        "size": "tiny",
+        "fusion": fusion,
+        "modalities": modalities_for(fusion),
+        "alpha": 0.25,
+        "scheme": "M",
+        "audio_dim": AUDIO,
+        "num_frames": T,
+        "img_size": IMG,
+    }
     return ModelConfig(**{**base, **kw})
 
 
@@ -78,6 +88,9 @@ def test_forward_shapes_no_nan(fusion):
     else:
         assert rev is None
     assert model.relevance_threshold == 0.25
+    rgb, flow, audio = make_inputs()
+    silent, _ = model(rgb, flow, torch.zeros_like(audio))  # clips without audio arrive as zeros
+    assert torch.isfinite(silent).all()
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -102,8 +115,11 @@ def test_table3_modality_subsets(modalities):
     fusion = "imd" if "audio" in modalities else "none"
     model = build_model(make_cfg(fusion, modalities=modalities))
     rgb, flow, audio = make_inputs()
-    given = dict(rgb=rgb if "rgb" in modalities else None, flow=flow if "flow" in modalities else None,
-                 audio=audio if "audio" in modalities else None)
+    given = {
+        "rgb": rgb if "rgb" in modalities else None,
+        "flow": flow if "flow" in modalities else None,
+        "audio": audio if "audio" in modalities else None,
+    }
     logits, _ = model(**given)
     assert logits.shape == (B, NUM_CLASSES)
     assert set(model.visual.streams) == {m for m in modalities if m != "audio"}
@@ -144,7 +160,7 @@ def test_rev_below_alpha_output_independent_of_audio(mode):
     set_relevance(model, 0.1)
     rgb, flow, audio = make_inputs()
     logits1, rev1 = model(rgb, flow, audio)
-    logits2, rev2 = model(rgb, flow, 5 * torch.randn_like(audio))
+    logits2, _rev2 = model(rgb, flow, 5 * torch.randn_like(audio))
     assert torch.allclose(rev1, torch.full((B,), 0.1))
     assert torch.equal(logits1, logits2)
     assert torch.equal(logits1, _manual_logits(model, rgb, flow, audio, 0.0))
@@ -257,9 +273,16 @@ def test_flow_stream_takes_two_channels_and_scales_pixels():
 
 def tiny_vit(img_size: int = IMG) -> VisionTransformer:
     s = VISUAL_SIZES["tiny"]
-    vit = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=s["embed_dim"], depth=s["depth"],
-                            num_heads=s["num_heads"], mlp_ratio=s["mlp_ratio"], qkv_bias=s["qkv_bias"],
-                            num_classes=10)
+    vit = VisionTransformer(
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=s["embed_dim"],
+        depth=s["depth"],
+        num_heads=s["num_heads"],
+        mlp_ratio=s["mlp_ratio"],
+        qkv_bias=s["qkv_bias"],
+        num_classes=10,
+    )
     with torch.no_grad():  # make every tensor distinctive (timm zero-inits biases)
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -275,6 +298,7 @@ def test_init_from_timm_checkpoint_copies_what_it_should(tmp_path, suffix):
         torch.save(src, path)
     else:
         from safetensors.torch import save_file
+
         save_file(src, str(path))
     cfg = make_cfg("imd")
     torch.manual_seed(1)
@@ -309,6 +333,68 @@ def test_init_from_timm_checkpoint_copies_what_it_should(tmp_path, suffix):
     assert torch.isfinite(logits).all()
 
 
+def save_classic_vit_npz(vit: VisionTransformer, path) -> None:
+    """Write ``vit`` in the original JAX ViT / AugReg ``.npz`` layout (the inverse of timm's loader)."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    D = sd["pos_embed"].shape[-1]
+    h = vit.blocks[0].attn.num_heads
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+    }
+    for i in range(len(vit.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        for j, n in enumerate(("query", "key", "value")):
+            w[f"{mha}{n}/kernel"] = sd[b + "attn.qkv.weight"][j * D : (j + 1) * D].T.reshape(D, h, D // h)
+            w[f"{mha}{n}/bias"] = sd[b + "attn.qkv.bias"][j * D : (j + 1) * D].reshape(h, D // h)
+        w[mha + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(D, h, D // h).transpose(1, 2, 0)
+        w[mha + "out/bias"] = sd[b + "attn.proj.bias"]
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[f"{p}{ln}/scale"], w[f"{p}{ln}/bias"] = sd[b + name + ".weight"], sd[b + name + ".bias"]
+        for r in range(2):
+            w[f"{p}MlpBlock_3/Dense_{r}/kernel"] = sd[f"{b}mlp.fc{r + 1}.weight"].T
+            w[f"{p}MlpBlock_3/Dense_{r}/bias"] = sd[f"{b}mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_init_from_jax_npz_checkpoint(tmp_path):
+    vit = tiny_vit()
+    path = tmp_path / "vit_tiny.npz"
+    save_classic_vit_npz(vit, path)
+    model = build_model(make_cfg("none", modalities=("rgb",)), init_checkpoint=str(path))
+    sd = model.visual.streams["rgb"].state_dict()
+    for k, v in vit.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.allclose(sd[k], v, atol=1e-6), k
+
+
+def test_init_from_timm_name_uses_create_model(monkeypatch):
+    import timm
+
+    vit = tiny_vit()
+    calls = []
+
+    def fake_create_model(name, pretrained=False, num_classes=None):
+        calls.append((name, pretrained, num_classes))
+        return vit
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    model = build_model(
+        make_cfg("none", modalities=("rgb",)), init_checkpoint="vit_tiny_patch16_224.augreg_in21k"
+    )
+    assert calls == [("vit_tiny_patch16_224.augreg_in21k", True, 0)]
+    assert torch.equal(model.visual.streams["rgb"].blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
 def test_init_interpolates_pos_embed_and_rejects_wrong_widths(tmp_path):
     vit = tiny_vit(img_size=32)  # 2x2 grid
     path = tmp_path / "vit.pth"
@@ -320,7 +406,9 @@ def test_init_interpolates_pos_embed_and_rejects_wrong_widths(tmp_path):
     assert torch.equal(pos.detach(), expected)
     assert torch.equal(pos[:, 0].detach(), vit.pos_embed[:, 0].detach())
     with pytest.raises(ValueError, match="checkpoint width should be embed_dim=768, got 96"):
-        build_model(make_cfg("none", modalities=("rgb",), size="base"), init_checkpoint=str(path), device="meta")
+        build_model(
+            make_cfg("none", modalities=("rgb",), size="base"), init_checkpoint=str(path), device="meta"
+        )
     with pytest.raises(FileNotFoundError):
         build_model(make_cfg("none", modalities=("rgb",)), init_checkpoint=str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="needs a visual modality"):
@@ -360,10 +448,16 @@ def test_config_round_trip_and_validation():
     assert ModelConfig(**from_json) == cfg
     assert SIZES == ("tiny", "small", "base", "large")
     bad = [
-        dict(fusion="concat"), dict(size="huge"), dict(scheme="X"), dict(alpha=1.5), dict(img_size=100),
-        dict(fusion="none", modalities=("rgb", "audio")), dict(fusion="imd", modalities=("rgb", "flow")),
-        dict(fusion="audio-only", modalities=("audio", "rgb")), dict(modalities=("rgb", "depth", "audio")),
-        dict(num_classes=0),
+        {"fusion": "concat"},
+        {"size": "huge"},
+        {"scheme": "X"},
+        {"alpha": 1.5},
+        {"img_size": 100},
+        {"fusion": "none", "modalities": ("rgb", "audio")},
+        {"fusion": "imd", "modalities": ("rgb", "flow")},
+        {"fusion": "audio-only", "modalities": ("audio", "rgb")},
+        {"modalities": ("rgb", "depth", "audio")},
+        {"num_classes": 0},
     ]
     for kw in bad:
         fusion = kw.pop("fusion", "imd")

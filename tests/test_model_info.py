@@ -1,4 +1,5 @@
 """Tests of imdpipe.heads.info.model_info and the ``imdpipe model-info`` command."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,8 @@ def test_model_info_tiny_matches_the_model():
     info = model_info(size="tiny", frames=2, img_size=32)
     model = build_model(ModelConfig(num_classes=400, size="tiny", num_frames=2, img_size=32), device="meta")
     assert info["params_per_stream"] == {
-        k: sum(p.numel() for p in s.parameters()) for k, s in model.visual.streams.items()}
+        k: sum(p.numel() for p in s.parameters()) for k, s in model.visual.streams.items()
+    }
     assert info["params_total"] == sum(p.numel() for p in model.parameters())
     assert info["paper"] == {}
     # Twice the frames: the per-frame part doubles, temporal attention scores grow 4x, the head is fixed.
@@ -47,7 +49,9 @@ def test_model_info_base_beside_paper():
 
 
 def test_cli_json_prints_one_object():
-    result = runner.invoke(app, ["model-info", "--size", "tiny", "--frames", "2", "--img-size", "32", "--json"])
+    result = runner.invoke(
+        app, ["model-info", "--size", "tiny", "--frames", "2", "--img-size", "32", "--json"]
+    )
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert {"size", "frames", "params_per_stream", "params_total", "gflops_per_view", "paper"} <= set(obj)

@@ -11,10 +11,14 @@ SIZE_HELP = "Visual transformer size: tiny, small, base or large."
 
 
 def model_info_cmd(
-        size: Annotated[str, typer.Option("--size", help=SIZE_HELP)] = "base",
-        frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per clip (T).")] = 8,
-        img_size: Annotated[int, typer.Option("--img-size", min=16, help="Frame height = width (multiple of 16).")] = 224,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    size: Annotated[str, typer.Option("--size", help=SIZE_HELP)] = "base",
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per clip (T).")] = 8,
+    img_size: Annotated[
+        int, typer.Option("--img-size", min=16, help="Frame height = width (multiple of 16).")
+    ] = 224,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
 ):
     """Print parameters per stream and in total, and GFLOPs per view (attention counted)."""
     from imdpipe.heads.info import model_info
@@ -41,12 +45,21 @@ def model_info_cmd(
 
     for name, n in info["params_per_stream"].items():
         table.add_row(f"params, {name} stream", f"{n / 1e6:.2f}M", paper_params())
-    table.add_row("params, total", f"{info['params_total'] / 1e6:.2f}M",
-                  f"{2 * paper['params_per_stream'] / 1e6:.1f}M (2 streams)" if paper else "-")
-    table.add_row("GFLOPs per view", f"{info['gflops_per_view']:.1f}",
-                  f"{paper['gflops_per_view']:.1f} ({paper['gflops_multi_view']:,.0f} / {paper['views']} views)"
-                  if paper else "-")
+    table.add_row(
+        "params, total",
+        f"{info['params_total'] / 1e6:.2f}M",
+        f"{2 * paper['params_per_stream'] / 1e6:.1f}M (2 streams)" if paper else "-",
+    )
+    table.add_row(
+        "GFLOPs per view",
+        f"{info['gflops_per_view']:.1f}",
+        f"{paper['gflops_per_view']:.1f} ({paper['gflops_multi_view']:,.0f} / {paper['views']} views)"
+        if paper
+        else "-",
+    )
     console = Console()
     console.print(table)
-    console.print("FLOPs count a multiply-add as 2; the paper does not state its convention. "
-                  "Sizes and differences: imdpipe/heads/visual.py.")
+    console.print(
+        "FLOPs count a multiply-add as 2; the paper does not state its convention. "
+        "Sizes and differences: imdpipe/heads/visual.py."
+    )

@@ -6,6 +6,7 @@ Pure model code: no I/O, no CLI, no device choice. Entry points::
     model = build_model(ModelConfig(num_classes=8, size="tiny"), init_checkpoint=None)
     logits, rev = model(rgb, flow, audio)
 """
+
 from .audio import AudioBottleneck
 from .fusion import (
     FUSION_LAYERS,
@@ -27,17 +28,17 @@ from .visual import (
 )
 
 __all__ = [
-    "AudioBottleneck",
-    "FUSION_LAYERS",
     "FUSIONS",
+    "FUSION_LAYERS",
+    "MODALITIES",
+    "SIZES",
+    "AudioBottleneck",
     "FactorizedBlock",
     "IMDFusion",
     "IrrelevantModalityDropout",
-    "MODALITIES",
     "ModelConfig",
     "MultimodalActionModel",
     "RelevanceNetwork",
-    "SIZES",
     "SpatialBlock",
     "TwoStreamTransformer",
     "VisualConfig",

@@ -8,10 +8,11 @@ by ReLU, bridging AudioSet-oriented features to the video classes.
 A clip without an audio track arrives as an all-zero embedding; the LayerNorm maps it to its
 bias, so the bottleneck output is a learned constant for "no audio".
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ["AudioBottleneck"]
 
@@ -20,13 +21,13 @@ class AudioBottleneck(nn.Module):
     """``LN -> Linear -> ReLU -> Linear -> ReLU`` on a cached AST embedding ``(B, in_dim)``."""
 
     def __init__(
-            self,
-            in_dim: int = 768,
-            hidden_dim: int = 768,
-            out_dim: int = 768,
-            drop: float = 0.0,
-            device=None,
-            dtype=None,
+        self,
+        in_dim: int = 768,
+        hidden_dim: int = 768,
+        out_dim: int = 768,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}

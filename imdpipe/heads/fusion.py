@@ -44,26 +44,27 @@ Baselines (FIELD_NOTES, "Fusion baselines")
 * ``avc`` (Arandjelovic and Zisserman, Look, Listen and Learn): ``z = relu(W [v; a])``, 128 wide.
 * ``none``: ``z = v``; ``audio-only``: ``z = a``.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from timm.layers import Mlp
+from torch import nn
 
 __all__ = [
-    "SCHEMES",
-    "irrelevant_modality_dropout",
-    "IrrelevantModalityDropout",
-    "RelevanceNetwork",
-    "IMDFusion",
-    "LateConcatFusion",
-    "GMUFusion",
-    "SEGateFusion",
-    "NLGateFusion",
-    "AVCFusion",
-    "VisualOnly",
-    "AudioOnly",
     "FUSION_LAYERS",
+    "SCHEMES",
+    "AVCFusion",
+    "AudioOnly",
+    "GMUFusion",
+    "IMDFusion",
+    "IrrelevantModalityDropout",
+    "LateConcatFusion",
+    "NLGateFusion",
+    "RelevanceNetwork",
+    "SEGateFusion",
+    "VisualOnly",
+    "irrelevant_modality_dropout",
 ]
 
 SCHEMES = ("M", "W")
@@ -75,7 +76,10 @@ SCHEMES = ("M", "W")
 
 
 def irrelevant_modality_dropout(
-        audio: torch.Tensor, rev: torch.Tensor, alpha: float, scheme: str = "M",
+    audio: torch.Tensor,
+    rev: torch.Tensor,
+    alpha: float,
+    scheme: str = "M",
 ) -> torch.Tensor:
     """Scale the audio embedding by its relevance (Eqs. 5-7).
 
@@ -145,8 +149,18 @@ class IMDFusion(nn.Module):
     """Relevance network, thresholded masking of the audio half, then ``z_av = MLP(LN(z))``."""
 
     def __init__(
-            self, visual_dim: int, audio_dim: int, out_dim: int, *, hidden_dim: int | None = None,
-            alpha: float = 0.25, scheme: str = "M", drop: float = 0.0, device=None, dtype=None, **_: object,
+        self,
+        visual_dim: int,
+        audio_dim: int,
+        out_dim: int,
+        *,
+        hidden_dim: int | None = None,
+        alpha: float = 0.25,
+        scheme: str = "M",
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -168,7 +182,9 @@ class IMDFusion(nn.Module):
 class LateConcatFusion(nn.Module):
     """``z = W [v; a] + b``."""
 
-    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object):
+    def __init__(
+        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object
+    ):
         super().__init__()
         self.out_dim = out_dim
         self.proj = nn.Linear(visual_dim + audio_dim, out_dim, device=device, dtype=dtype)
@@ -180,7 +196,9 @@ class LateConcatFusion(nn.Module):
 class GMUFusion(nn.Module):
     """Gated multimodal unit: ``g * tanh(W_v v) + (1 - g) * tanh(W_a a)``, ``g = sigmoid(W_z [v; a])``."""
 
-    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object):
+    def __init__(
+        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.out_dim = out_dim
@@ -199,7 +217,14 @@ class SEGateFusion(nn.Module):
     """Squeeze-excitation gate of ``v`` from ``a``: ``z = [v * sigmoid(W2 relu(W1 a)); a]``."""
 
     def __init__(
-            self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object,
+        self,
+        visual_dim: int,
+        audio_dim: int,
+        out_dim: int,
+        *,
+        device=None,
+        dtype=None,
+        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -217,13 +242,22 @@ class NLGateFusion(nn.Module):
     """Non-local gate: visual queries, audio keys/values, over G tokens per embedding; residual to v."""
 
     def __init__(
-            self, visual_dim: int, audio_dim: int, out_dim: int, *, num_tokens: int = 8,
-            device=None, dtype=None, **_: object,
+        self,
+        visual_dim: int,
+        audio_dim: int,
+        out_dim: int,
+        *,
+        num_tokens: int = 8,
+        device=None,
+        dtype=None,
+        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if visual_dim % num_tokens:
-            raise ValueError(f"nl-gate needs visual_dim divisible by num_tokens={num_tokens}, got {visual_dim}")
+            raise ValueError(
+                f"nl-gate needs visual_dim divisible by num_tokens={num_tokens}, got {visual_dim}"
+            )
         self.out_dim = visual_dim
         self.num_tokens = num_tokens
         self.q = nn.Linear(visual_dim, visual_dim, **dd)
@@ -245,8 +279,15 @@ class AVCFusion(nn.Module):
     """Look, Listen and Learn AVC head: ``z = relu(W [v; a] + b)``, ``avc_dim`` (128) wide."""
 
     def __init__(
-            self, visual_dim: int, audio_dim: int, out_dim: int, *, avc_dim: int = 128,
-            device=None, dtype=None, **_: object,
+        self,
+        visual_dim: int,
+        audio_dim: int,
+        out_dim: int,
+        *,
+        avc_dim: int = 128,
+        device=None,
+        dtype=None,
+        **_: object,
     ) -> None:
         super().__init__()
         self.out_dim = avc_dim

@@ -6,6 +6,7 @@ an RGB clip, a flow clip and an audio embedding) is traced under
 has no FLOP formula on every backend, so timm's ``Attention`` modules are switched to their
 explicit ``q @ k^T`` / ``attn @ v`` path while counting. FLOPs count a multiply-add as 2.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,7 +55,8 @@ def model_info(*, size: str, frames: int, img_size: int = 224, num_classes: int 
 
     Returns:
         ``{"size", "frames", "img_size", "params_per_stream": {"rgb", "flow"}, "params_total",
-        "gflops_per_view", "flops_per_view", "paper"}``; ``paper`` holds Table 4's figures (empty for ``tiny``),
+        "gflops_per_view", "flops_per_view", "paper"}``; ``paper`` holds Table 4's figures (empty
+        for ``tiny``),
         with ``gflops_per_view`` = the multi-view figure / 12 views.
     """
     if size not in SIZES:

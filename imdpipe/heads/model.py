@@ -1,37 +1,38 @@
-"""The whole IMD action-recognition model: visual two-stream transformer, audio bottleneck, fusion, classifier.
+"""The whole IMD action-recognition model: two-stream transformer, audio bottleneck, fusion, classifier.
 
 Data flow (paper Fig. 2, Eqs. 1-9)::
 
-    rgb (B, T, 3, H, W) --RGB stream--\\
-                                      +-- 2 x (FC + ReLU) --> v (B, D)  --\\
-    flow (B, T, 2, H, W) --flow stream/                                    +-- fusion --> z --> MLP(LN(z)) --> logits
-    audio (B, 768) cached AST embedding --> audio bottleneck --> a (B, Da) -/      |
-                                                                                 rev (IMD only)
+    rgb  (B, T, 3, H, W) -> RGB stream  -> cls (B, D) -+
+                                                       +-> 2 x (FC + ReLU) -> v (B, D) -+
+    flow (B, T, 2, H, W) -> flow stream -> cls (B, D) -+                                |
+                                                                                         +-> fusion -> z, rev
+    audio (B, 768) cached AST embedding -> audio bottleneck -> a (B, Da) ---------------+
+    logits = MLP(LN(z))                                                   (Eq. 9, no softmax)
 
 ``fusion`` is one of ``FUSIONS``; ``"imd"`` is the paper's (Eqs. 4-8), the others are the
 Table 5 baselines (see ``imdpipe.heads.fusion``). ``modalities`` is any subset of
 ``("rgb", "flow", "audio")`` compatible with the fusion (Table 3): ``"none"`` uses only visual
 streams, ``"audio-only"`` only audio, every other fusion audio plus at least one visual stream.
-The classifier ``logits = MLP(LN(z))`` is Eq. 9 without the softmax.
 
 Everything is built from one serializable :class:`ModelConfig`; ``dataclasses.asdict(cfg)``
 round-trips through ``ModelConfig(**d)`` (lists from YAML are accepted for tuples). Pretrained
 ViT weights are loaded by :func:`build_model`, never in ``__init__``.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from timm.layers import Mlp
+from torch import nn
 
 from .audio import AudioBottleneck
 from .fusion import FUSION_LAYERS, SCHEMES
 from .visual import FLOW_SCALE, VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
 
-__all__ = ["FUSIONS", "SIZES", "MODALITIES", "ModelConfig", "MultimodalActionModel", "build_model"]
+__all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
 
 FUSIONS = ("imd", "late-concat", "gmu", "se-gate", "nl-gate", "avc", "none", "audio-only")
 SIZES = tuple(VISUAL_SIZES)  # ("tiny", "small", "base", "large")
@@ -53,7 +54,9 @@ class ModelConfig:
     num_frames: int = 8  # T, frames per clip
     img_size: int = 224  # H = W of the frames (multiple of 16)
     fusion_dim: int | None = None  # width of audio bottleneck output and fused embedding (None: visual width)
-    hidden_dim: int | None = None  # hidden width of the MLPs of Eqs. 4, 8, 9 and the bottleneck (None: fusion_dim)
+    hidden_dim: int | None = (
+        None  # hidden width of the MLPs of Eqs. 4, 8, 9 and the bottleneck (None: fusion_dim)
+    )
     drop_rate: float = 0.0  # dropout in the transformer projections and the fusion/head MLPs
     attn_drop_rate: float = 0.0  # dropout on attention weights
     drop_path_rate: float = 0.0  # stochastic depth of the transformer blocks
@@ -70,17 +73,22 @@ class ModelConfig:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(
-                f"modalities should be a non-empty subset of {MODALITIES} without repeats, got {self.modalities}")
+                f"modalities should be a non-empty subset of {MODALITIES} without repeats, "
+                f"got {self.modalities}"
+            )
         self.modalities = tuple(m for m in MODALITIES if m in self.modalities)  # canonical order
         has_audio = "audio" in self.modalities
         has_visual = any(m in self.modalities for m in VISUAL_MODALITIES)
         if self.fusion == "none" and (has_audio or not has_visual):
-            raise ValueError(f"fusion 'none' needs visual modalities only (rgb and/or flow), got {self.modalities}")
+            raise ValueError(
+                f"fusion 'none' needs visual modalities only (rgb and/or flow), got {self.modalities}"
+            )
         if self.fusion == "audio-only" and self.modalities != ("audio",):
             raise ValueError(f"fusion 'audio-only' needs modalities ('audio',), got {self.modalities}")
         if self.fusion not in ("none", "audio-only") and not (has_audio and has_visual):
             raise ValueError(
-                f"fusion {self.fusion!r} needs audio and at least one of rgb/flow, got {self.modalities}")
+                f"fusion {self.fusion!r} needs audio and at least one of rgb/flow, got {self.modalities}"
+            )
         if self.num_classes < 1:
             raise ValueError(f"num_classes should be >= 1, got {self.num_classes}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -94,7 +102,9 @@ class ModelConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} should be None or >= 1, got {getattr(self, name)}")
         if self.img_size < 16 or self.img_size % 16:
-            raise ValueError(f"img_size should be a positive multiple of the patch size 16, got {self.img_size}")
+            raise ValueError(
+                f"img_size should be a positive multiple of the patch size 16, got {self.img_size}"
+            )
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} should be in [0, 1), got {getattr(self, name)}")
@@ -102,7 +112,9 @@ class ModelConfig:
             raise ValueError(f"flow_scale should be > 0, got {self.flow_scale}")
         if self.fusion == "nl-gate" and self.visual_dim % self.nl_tokens:
             raise ValueError(
-                f"nl-gate needs the visual width {self.visual_dim} divisible by nl_tokens, got {self.nl_tokens}")
+                f"nl-gate needs the visual width {self.visual_dim} divisible by nl_tokens, "
+                f"got {self.nl_tokens}"
+            )
 
     @property
     def visual_streams(self) -> tuple[str, ...]:
@@ -115,14 +127,19 @@ class ModelConfig:
     def visual_config(self) -> VisualConfig:
         """The :class:`VisualConfig` of the visual streams (even when none is used)."""
         return VisualConfig(
-            **VISUAL_SIZES[self.size], img_size=self.img_size, num_frames=self.num_frames,
-            streams=self.visual_streams or VISUAL_MODALITIES, drop_rate=self.drop_rate,
-            attn_drop_rate=self.attn_drop_rate, drop_path_rate=self.drop_path_rate, flow_scale=self.flow_scale,
+            **VISUAL_SIZES[self.size],
+            img_size=self.img_size,
+            num_frames=self.num_frames,
+            streams=self.visual_streams or VISUAL_MODALITIES,
+            drop_rate=self.drop_rate,
+            attn_drop_rate=self.attn_drop_rate,
+            drop_path_rate=self.drop_path_rate,
+            flow_scale=self.flow_scale,
         )
 
 
 class MultimodalActionModel(nn.Module):
-    """Visual streams + audio bottleneck + fusion + classifier; ``forward(rgb, flow, audio) -> (logits, rev)``."""
+    """Streams, audio bottleneck, fusion, classifier: ``forward(rgb, flow, audio) -> (logits, rev)``."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -134,11 +151,20 @@ class MultimodalActionModel(nn.Module):
         self.visual = TwoStreamTransformer(cfg.visual_config(), **dd) if cfg.visual_streams else None
         self.audio = (
             AudioBottleneck(cfg.audio_dim, hidden_dim, fusion_dim, drop=cfg.drop_rate, **dd)
-            if "audio" in cfg.modalities else None
+            if "audio" in cfg.modalities
+            else None
         )
         self.fusion = FUSION_LAYERS[cfg.fusion](
-            visual_dim, fusion_dim, fusion_dim, hidden_dim=hidden_dim, alpha=cfg.alpha, scheme=cfg.scheme,
-            drop=cfg.drop_rate, avc_dim=cfg.avc_dim, num_tokens=cfg.nl_tokens, **dd,
+            visual_dim,
+            fusion_dim,
+            fusion_dim,
+            hidden_dim=hidden_dim,
+            alpha=cfg.alpha,
+            scheme=cfg.scheme,
+            drop=cfg.drop_rate,
+            avc_dim=cfg.avc_dim,
+            num_tokens=cfg.nl_tokens,
+            **dd,
         )
         self.head_norm = nn.LayerNorm(self.fusion.out_dim, **dd)  # Eq. 9
         self.head = Mlp(self.fusion.out_dim, hidden_dim, cfg.num_classes, drop=cfg.drop_rate, **dd)
@@ -149,7 +175,10 @@ class MultimodalActionModel(nn.Module):
         return self.config.alpha
 
     def forward_features(
-            self, rgb: torch.Tensor | None, flow: torch.Tensor | None, audio: torch.Tensor | None,
+        self,
+        rgb: torch.Tensor | None,
+        flow: torch.Tensor | None,
+        audio: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Visual embedding ``(B, D)`` and audio embedding ``(B, Da)``; None for unused modalities.
 
@@ -163,26 +192,38 @@ class MultimodalActionModel(nn.Module):
         batch = {m: given[m].shape[0] for m in mods}
         if len(set(batch.values())) > 1:
             raise ValueError(f"inputs should share one batch size, got {batch}")
-        v = self.visual(rgb if "rgb" in mods else None, flow if "flow" in mods else None) if self.visual else None
+        v = (
+            self.visual(rgb if "rgb" in mods else None, flow if "flow" in mods else None)
+            if self.visual
+            else None
+        )
         a = self.audio(audio) if self.audio is not None else None
         return v, a
 
     def forward_head(
-            self, v: torch.Tensor | None, a: torch.Tensor | None,
+        self,
+        v: torch.Tensor | None,
+        a: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fusion then classifier: ``(logits (B, num_classes), rev (B,) or None)``."""
         z, rev = self.fusion(v, a)
         return self.head(self.head_norm(z)), rev
 
     def forward(
-            self, rgb: torch.Tensor | None = None, flow: torch.Tensor | None = None,
-            audio: torch.Tensor | None = None,
+        self,
+        rgb: torch.Tensor | None = None,
+        flow: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.forward_head(*self.forward_features(rgb, flow, audio))
 
 
 def build_model(
-        cfg: ModelConfig, init_checkpoint: str | os.PathLike | None = None, *, device=None, dtype=None,
+    cfg: ModelConfig,
+    init_checkpoint: str | os.PathLike | None = None,
+    *,
+    device=None,
+    dtype=None,
 ) -> MultimodalActionModel:
     """Build the model; initialize its visual streams from an ImageNet ViT when asked.
 

@@ -21,51 +21,57 @@ Flow comes in as pixels of displacement (dequantized uint8 flow, roughly [-20, 2
 divides it by ``flow_scale = 20`` so it enters the patch embedding in about [-1, 1], the range of
 normalized RGB. RGB comes in already normalized.
 
-Sizes (``VISUAL_SIZES``). Parameters per stream (RGB stream, 8 frames, 224x224; the flow stream
-is smaller by ``16*16*D`` weights of its 2-channel patch embedding), ours vs the paper's
-supplementary Table 4:
+Sizes (``VISUAL_SIZES``). Parameters per stream (8 frames, 224x224; the flow stream has
+``16*16*D`` fewer weights in its 2-channel patch embedding), ours vs the paper's supplementary
+Table 4 (``imdpipe model-info`` prints these):
 
-=======  ==========================================  ===============  ===========
-size     widths (D / depth / heads / mlp / n ST)     ours (RGB/flow)  paper
-=======  ==========================================  ===============  ===========
-tiny     96 / 3 / 3 / 4.0 / 1                        0.37M / 0.35M    --
-small    768 / 8 / 8 / 3.0 / 1, no qkv bias           50.92M / 50.73M  47.9M
-base     768 / 12 / 12 / 4.0 / 2                     91.71M / 91.51M  88.6M (+3.5%)
-large    1024 / 24 / 16 / 4.0 / 4                    324.30M / 324.04M 173.7M
-=======  ==========================================  ===============  ===========
+======  ====================================  =================  =================
+size    D / depth / heads / MLP / factorized  ours, RGB / flow   paper, per stream
+======  ====================================  =================  =================
+tiny    96 / 3 / 3 / 4 / 1                    0.48M / 0.45M      --
+small   768 / 8 / 8 / 3 / 1 (no qkv bias)     50.94M / 50.75M    47.9M (+6.4%)
+base    768 / 12 / 12 / 4 / 2                 91.71M / 91.52M    88.6M (+3.5%)
+large   1024 / 24 / 16 / 4 / 4                324.31M / 324.05M  173.7M (+87%)
+======  ====================================  =================  =================
 
 * ``small`` uses the widths of timm's original ``vit_small_patch16_224`` (768 wide, 8 blocks,
-  8 heads, MLP ratio 3, no qkv bias; the pre-DeiT "ViT-S" that TimeSformer-era timm shipped),
-  the only published 8-block ViT. Its plain ViT body has 47.97M parameters without the
-  classifier, which is the paper's 47.9M; the paper's count seems to leave out the temporal
-  attention + ``LR`` of the one factorized block (2.95M), which we do count.
-* ``base`` uses ViT-B/16 widths: 85.80M for the ViT body plus 2 x 2.95M for the temporal parts.
-  The paper's 88.6M is 85.8M + 2.8M, consistent with counting only one block's temporal parts;
-  ours is 3.5% above, inside the 5% the issue allows.
+  8 heads, MLP ratio 3, no qkv bias; the pre-DeiT "ViT-S" of TimeSformer-era timm), the only
+  published 8-block ViT. Its plain ViT body without classifier has 47.99M parameters, within 0.2% of
+  the paper's 47.9M; the paper's figure apparently leaves out the temporal attention, its norm
+  and ``LR`` of the one factorized block (2.95M), which we count.
+* ``base`` uses ViT-B/16 widths: 85.80M for the ViT body plus 2 x 2.95M for the temporal parts
+  and 6K for the time embedding. The paper's 88.6M is close to 85.8M + one block's temporal
+  parts (88.75M); ours is 3.5% above it.
 * ``large`` uses ViT-L/16 widths (1024 wide, 16 heads), the only 24-block ViT with ImageNet-21K
-  weights, which the paper says it initializes from. The paper's 173.7M cannot be a 1024-wide
-  24-block ViT (its body alone is 303.3M); it equals a *768-wide* 24-block encoder (170.9M) plus
-  about 2.8M, and its GFLOPs ratio large/base (1.84) also points to a 768-wide encoder. Such an
-  encoder has no ImageNet checkpoint, so we keep ViT-L widths and report the gap.
+  weights, which the paper says every size is initialized from. The paper's 173.7M cannot be a
+  1024-wide 24-block ViT (whose body alone is 303.3M); it is near a *768-wide* 24-block encoder
+  (170.9M body, 182.7M with 4 factorized blocks), and the paper's large/base GFLOPs ratio (1.84)
+  also points to a 768-wide encoder (ViT-L/ViT-B is 3.5). No ImageNet checkpoint exists for
+  such an encoder, so we keep ViT-L widths and report the gap.
 
-GFLOPs per view (both streams + fusion and IMD head, 8 frames, 224x224, attention counted; FLOPs
-count a multiply-add as 2), ours vs the paper's Table 4 divided by its 12 test views (3 crops x
-4 clips; the paper does not say whether it counts multiply-adds as 1 or 2 FLOPs):
+GFLOPs per view (batch 1: both streams, audio bottleneck, IMD and classifier with 400 classes;
+8 frames, 224x224; attention counted; a multiply-add counts 2 FLOPs), ours vs the paper's
+Table 4 divided by its 12 test views (3 crops x 4 clips):
 
-=======  ============  ========================================
-size     ours          paper (whole test / 12 views)
-=======  ============  ========================================
-small    306.4         2,871 / 12 = 239.3
-base     574.6         4,464 / 12 = 372.0
-large    1,981.5       8,232 / 12 = 686.0
-=======  ============  ========================================
+=======  ==============  =================================
+size     ours per view   paper, whole test / 12 views
+=======  ==============  =================================
+tiny     3.5             --
+small    333.6           2,871 / 12 = 239.3
+base     597.0           4,464 / 12 = 372.0
+large    2,095.2         8,232 / 12 = 686.0
+=======  ==============  =================================
 
-Our base is 287 GMACs per view, so the paper's 372 is between a MAC count and a FLOP count.
+Counted as multiply-adds (fvcore's convention, half our numbers) base is 298.5 GMACs per view,
+below the paper's 372; the paper states neither its convention nor its view count for the
+FLOPs, so the numbers are not directly comparable. Ratios small : base : large are
+0.56 : 1 : 3.51 here and 0.64 : 1 : 1.84 in the paper (see ``large`` above).
 
 Relevance network (Eq. 4) reading: see ``imdpipe.heads.fusion``; in short
 ``rev = sigmoid(w^T (MLP(LN(z)) + z) + b)``: the printed ``sigma(MLP(LN(z)) + z)`` is a residual
 MLP of the width of ``z``, so a linear projection to one logit is added before the sigmoid.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,30 +79,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models import adapt_input_conv, load_state_dict
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
+from torch import nn
 
 __all__ = [
     "FLOW_SCALE",
     "VISUAL_SIZES",
-    "SpatialBlock",
     "FactorizedBlock",
+    "SpatialBlock",
+    "TwoStreamTransformer",
     "VisualConfig",
     "VisualTransformer",
-    "TwoStreamTransformer",
-    "visual_config",
-    "build_two_stream",
-    "vit_state_dict",
-    "convert_vit_state_dict",
-    "load_vit_checkpoint",
-    "tiny",
-    "small",
     "base",
+    "build_two_stream",
+    "convert_vit_state_dict",
     "large",
+    "load_vit_checkpoint",
+    "small",
+    "tiny",
+    "visual_config",
+    "vit_state_dict",
 ]
 
 FLOW_SCALE = 20.0  # flow bound of the quantized cache (FIELD_NOTES: clip to [-20, 20])
@@ -142,25 +148,36 @@ class FactorizedBlock(SpatialBlock):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            device=None,
-            dtype=None,
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         dd = {"device": device, "dtype": dtype}
         super().__init__(
-            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            attn_drop=attn_drop, drop_path=drop_path, **dd,
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop,
+            attn_drop=attn_drop,
+            drop_path=drop_path,
+            **dd,
         )
         self.temporal_norm1 = LayerNorm(dim, **dd)
         self.temporal_attn = Attention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd,
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            **dd,
         )
         self.temporal_fc = nn.Linear(dim, dim, **dd)  # LR of Eq. 3
         self.reset_temporal_fc()
@@ -188,13 +205,41 @@ class FactorizedBlock(SpatialBlock):
 
 VISUAL_SIZES: dict[str, dict[str, Any]] = {
     # CPU tests and the demo.
-    "tiny": dict(embed_dim=96, depth=3, num_heads=3, mlp_ratio=4.0, qkv_bias=True, num_factorized=1),
+    "tiny": {
+        "embed_dim": 96,
+        "depth": 3,
+        "num_heads": 3,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "num_factorized": 1,
+    },
     # Legacy timm vit_small_patch16_224 widths (8 blocks, the paper's "small").
-    "small": dict(embed_dim=768, depth=8, num_heads=8, mlp_ratio=3.0, qkv_bias=False, num_factorized=1),
+    "small": {
+        "embed_dim": 768,
+        "depth": 8,
+        "num_heads": 8,
+        "mlp_ratio": 3.0,
+        "qkv_bias": False,
+        "num_factorized": 1,
+    },
     # ViT-B/16.
-    "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, num_factorized=2),
+    "base": {
+        "embed_dim": 768,
+        "depth": 12,
+        "num_heads": 12,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "num_factorized": 2,
+    },
     # ViT-L/16.
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, qkv_bias=True, num_factorized=4),
+    "large": {
+        "embed_dim": 1024,
+        "depth": 24,
+        "num_heads": 16,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "num_factorized": 4,
+    },
 }
 
 
@@ -224,12 +269,16 @@ class VisualConfig:
             raise ValueError(f"streams should be a non-empty subset of ('rgb', 'flow'), got {self.streams}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
-                f"embed_dim should be divisible by num_heads, got {self.embed_dim} and {self.num_heads}")
+                f"embed_dim should be divisible by num_heads, got {self.embed_dim} and {self.num_heads}"
+            )
         if not 0 <= self.num_factorized <= self.depth:
-            raise ValueError(f"num_factorized should be in [0, depth={self.depth}], got {self.num_factorized}")
+            raise ValueError(
+                f"num_factorized should be in [0, depth={self.depth}], got {self.num_factorized}"
+            )
         if self.img_size % self.patch_size:
             raise ValueError(
-                f"img_size should be divisible by patch_size={self.patch_size}, got {self.img_size}")
+                f"img_size should be divisible by patch_size={self.patch_size}, got {self.img_size}"
+            )
         if self.num_frames < 1:
             raise ValueError(f"num_frames should be >= 1, got {self.num_frames}")
         if self.flow_scale <= 0:
@@ -268,7 +317,8 @@ class VisualTransformer(nn.Module):
         self.num_frames = cfg.num_frames
         self.embed_dim = D = cfg.embed_dim
         self.patch_embed = PatchEmbed(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans, embed_dim=D, **dd)
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans, embed_dim=D, **dd
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, D, **dd))  # spatial, per frame
@@ -280,10 +330,18 @@ class VisualTransformer(nn.Module):
         blocks = []
         for i in range(cfg.depth):
             block_cls = FactorizedBlock if i >= first_factorized else SpatialBlock
-            blocks.append(block_cls(
-                D, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, proj_drop=cfg.drop_rate,
-                attn_drop=cfg.attn_drop_rate, drop_path=dpr[i], **dd,
-            ))
+            blocks.append(
+                block_cls(
+                    D,
+                    cfg.num_heads,
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    proj_drop=cfg.drop_rate,
+                    attn_drop=cfg.attn_drop_rate,
+                    drop_path=dpr[i],
+                    **dd,
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self.norm = LayerNorm(D, **dd)
         self.init_weights()
@@ -337,14 +395,19 @@ class TwoStreamTransformer(nn.Module):
         self.cfg = cfg
         self.embed_dim = D = cfg.embed_dim
         self.streams = nn.ModuleDict(
-            {name: VisualTransformer(cfg, in_chans=STREAM_CHANNELS[name], **dd) for name in cfg.streams})
+            {name: VisualTransformer(cfg, in_chans=STREAM_CHANNELS[name], **dd) for name in cfg.streams}
+        )
         self.fuse = nn.Sequential(
-            nn.Linear(D * len(cfg.streams), D, **dd), nn.ReLU(),
-            nn.Linear(D, D, **dd), nn.ReLU(),
+            nn.Linear(D * len(cfg.streams), D, **dd),
+            nn.ReLU(),
+            nn.Linear(D, D, **dd),
+            nn.ReLU(),
         )
 
     def forward_features(
-            self, rgb: torch.Tensor | None = None, flow: torch.Tensor | None = None,
+        self,
+        rgb: torch.Tensor | None = None,
+        flow: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-stream class embeddings ``{name: (B, D)}``; flow is divided by ``flow_scale``."""
         inputs = {"rgb": rgb, "flow": flow}
@@ -386,15 +449,25 @@ def _npz_vit_state_dict(path: str) -> dict[str, torch.Tensor]:
         kernel = w[f"{prefix}embedding/kernel"]  # (P, P, C, D)
         q = w[f"{prefix}Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]  # (D, h, hd)
         mlp = w[f"{prefix}Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]  # (D, hidden)
-        depth = sum(1 for f in files if f.startswith(f"{prefix}Transformer/encoderblock_")
-                    and f.endswith("LayerNorm_0/scale"))
+        depth = sum(
+            1
+            for f in files
+            if f.startswith(f"{prefix}Transformer/encoderblock_") and f.endswith("LayerNorm_0/scale")
+        )
         qkv_bias = f"{prefix}Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/bias" in files
-    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    grid = round((pos.shape[1] - 1) ** 0.5)
     patch = kernel.shape[0]
     vit = VisionTransformer(
-        img_size=grid * patch, patch_size=patch, in_chans=kernel.shape[2], num_classes=0,
-        embed_dim=kernel.shape[3], depth=depth, num_heads=q.shape[1], mlp_ratio=mlp.shape[1] / mlp.shape[0],
-        qkv_bias=qkv_bias, weight_init="skip",
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=kernel.shape[2],
+        num_classes=0,
+        embed_dim=kernel.shape[3],
+        depth=depth,
+        num_heads=q.shape[1],
+        mlp_ratio=mlp.shape[1] / mlp.shape[0],
+        qkv_bias=qkv_bias,
+        weight_init="skip",
     )
     _load_weights(vit, path)
     return vit.state_dict()
@@ -419,7 +492,8 @@ def vit_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def convert_vit_state_dict(
-        vit: dict[str, torch.Tensor], stream: VisualTransformer,
+    vit: dict[str, torch.Tensor],
+    stream: VisualTransformer,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map an ImageNet ViT state dict onto one stream.
 
@@ -437,7 +511,8 @@ def convert_vit_state_dict(
     if "patch_embed.proj.weight" not in vit or "pos_embed" not in vit:
         raise ValueError(
             "expected a timm ViT state dict with 'patch_embed.proj.weight' and 'pos_embed', "
-            f"got keys {sorted(vit)[:8]}...")
+            f"got keys {sorted(vit)[:8]}..."
+        )
     src_dim = vit["pos_embed"].shape[-1]
     if src_dim != D:
         raise ValueError(f"checkpoint width should be embed_dim={D}, got {src_dim}")
@@ -454,7 +529,9 @@ def convert_vit_state_dict(
         v = vit[src_key]
         if v.shape != target[dst_key].shape:
             raise ValueError(
-                f"checkpoint {src_key!r} should have shape {tuple(target[dst_key].shape)}, got {tuple(v.shape)}")
+                f"checkpoint {src_key!r} should have shape {tuple(target[dst_key].shape)}, "
+                f"got {tuple(v.shape)}"
+            )
         out[dst_key] = v
         used.add(src_key)
 
@@ -465,7 +542,9 @@ def convert_vit_state_dict(
             if w.shape[1] != stream.in_chans:
                 w = adapt_input_conv(stream.in_chans, w)
             if w.shape != target[key].shape:
-                raise ValueError(f"patch embedding should have shape {tuple(target[key].shape)}, got {tuple(w.shape)}")
+                raise ValueError(
+                    f"patch embedding should have shape {tuple(target[key].shape)}, got {tuple(w.shape)}"
+                )
             out[key] = w
         elif key == "pos_embed":
             used.add(key)
@@ -486,7 +565,8 @@ def convert_vit_state_dict(
 
 
 def load_vit_checkpoint(
-        model: TwoStreamTransformer, checkpoint: str | os.PathLike | dict[str, torch.Tensor],
+    model: TwoStreamTransformer,
+    checkpoint: str | os.PathLike | dict[str, torch.Tensor],
 ) -> list[str]:
     """Initialize every stream of ``model`` from one ImageNet ViT; returns the ignored keys."""
     vit = checkpoint if isinstance(checkpoint, dict) else vit_state_dict(checkpoint)
@@ -498,7 +578,11 @@ def load_vit_checkpoint(
 
 
 def build_two_stream(
-        cfg: VisualConfig, init_checkpoint: str | os.PathLike | None = None, *, device=None, dtype=None,
+    cfg: VisualConfig,
+    init_checkpoint: str | os.PathLike | None = None,
+    *,
+    device=None,
+    dtype=None,
 ) -> TwoStreamTransformer:
     """Build a :class:`TwoStreamTransformer`, optionally initialized from an ImageNet ViT."""
     model = TwoStreamTransformer(cfg, device=device, dtype=dtype)
@@ -534,4 +618,3 @@ def base(init_checkpoint=None, *, device=None, dtype=None, **overrides: Any) -> 
 def large(init_checkpoint=None, *, device=None, dtype=None, **overrides: Any) -> TwoStreamTransformer:
     """ViT-L/16 widths: 1024 wide, 24 blocks (4 factorized), 16 heads."""
     return _named("large", init_checkpoint, device, dtype, overrides)
-

@@ -57,3 +57,5 @@ from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E402
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
+from imdpipe.cli.savld import build_savld_cmd  # noqa: E402
+app.command("build-savld")(build_savld_cmd)

@@ -1,0 +1,356 @@
+"""Relevance targets for the IMD relevance network (paper Sec. 4.2.3, Fig. 2, Table 4).
+
+For every video and audio window the target is the overlap between
+
+* ``P``: the frozen audio model's top-``Ya`` predicted labels for that window (from the logits
+  in ``audio.zarr``; ties broken by the lower label index), and
+* ``D``: the top-``K`` SAVLD audio labels of the video's class (``K <= k`` of the dictionary),
+
+measured by IoU (default) or Dice, then normalised into [0, 1] by the largest overlap that K
+and Ya allow. With ``c = |P & D|`` and ``m = min(K, Ya)`` (the largest possible ``c``):
+
+* IoU  ``c / (K + Ya - c)``, at most ``m / max(K, Ya)``;
+* Dice ``2c / (K + Ya)``,    at most ``2m / (K + Ya)``;
+* target = raw overlap / its maximum, so a window whose predictions contain all K dictionary
+  labels (or all Ya predictions are dictionary labels) gets 1 even when K != Ya.
+
+A video without an audio track gets target 0 and count 0 in every window. A window whose
+``window_start_s`` is NaN (a window the audio stage did not fill) is also 0.
+
+``relevance.zarr`` (stage ``relevance``) is a per-video store: ``target`` float32 (N, W) and
+``overlap_count`` int16 (N, W), with ``done``/``error``; settings K, Ya, overlap, the SAVLD's
+content hash and the audio store's model, so a target is never mixed with another dictionary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imdpipe.pipeline.store import ArraySpec, Partition, SettingsMismatch, StageStore, Summary, run_stage
+
+STAGE = "relevance"
+STORE_NAME = "relevance.zarr"
+AUDIO_STORE = "audio.zarr"
+OVERLAPS = ("iou", "dice")
+
+
+# ---------------------------------------------------------------------------------------------
+# The overlap, pure functions
+# ---------------------------------------------------------------------------------------------
+def max_overlap(*, K: int, Ya: int, overlap: str = "iou") -> float:
+    """The largest raw IoU or Dice two sets of sizes K and Ya can reach."""
+    _check_overlap(overlap)
+    if K < 1 or Ya < 1:
+        raise ValueError(f"K and Ya must be >= 1, got K={K}, Ya={Ya}")
+    m = min(K, Ya)
+    return m / max(K, Ya) if overlap == "iou" else 2 * m / (K + Ya)
+
+
+def normalized_overlap(count, *, K: int, Ya: int, overlap: str = "iou"):
+    """Target in [0, 1] from the intersection size(s) ``count`` (scalar or array)."""
+    c = np.asarray(count, dtype=np.float64)
+    raw = c / (K + Ya - c) if overlap == "iou" else 2 * c / (K + Ya)
+    out = raw / max_overlap(K=K, Ya=Ya, overlap=overlap)
+    return float(out) if out.ndim == 0 else out.astype(np.float32)
+
+
+def overlap_score(pred_top: Iterable[int] | np.ndarray, dict_top: Iterable[int] | np.ndarray, *, K: int,
+                  Ya: int, overlap: str = "iou") -> tuple[float, int]:
+    """Normalised overlap of the audio model's top-Ya labels and the dictionary's top-K labels.
+
+    Args:
+        pred_top: the Ya predicted label indices (or names) of one window.
+        dict_top: the K dictionary label indices (or names) of the video's class.
+        K, Ya: the set sizes (checked against the inputs).
+        overlap: ``iou`` or ``dice``.
+
+    Returns:
+        ``(target in [0, 1], intersection size)``.
+    """
+    _check_overlap(overlap)
+    p = set(np.asarray(list(pred_top)).tolist())
+    d = set(np.asarray(list(dict_top)).tolist())
+    if len(p) != Ya:
+        raise ValueError(f"pred_top must hold Ya={Ya} distinct labels, got {len(p)}")
+    if len(d) != K:
+        raise ValueError(f"dict_top must hold K={K} distinct labels, got {len(d)}")
+    c = len(p & d)
+    return normalized_overlap(c, K=K, Ya=Ya, overlap=overlap), c
+
+
+def top_predictions(logits: np.ndarray, ya: int) -> np.ndarray:
+    """Indices of the ``ya`` largest logits along the last axis, best first, ties -> lower index."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return np.argsort(-logits, axis=-1, kind="stable")[..., :ya]
+
+
+def window_counts(logits: np.ndarray, dict_member: np.ndarray, *, ya: int) -> np.ndarray:
+    """Intersection sizes for a block of windows.
+
+    Args:
+        logits: (..., C) audio logits of the windows.
+        dict_member: (..., C) bool, True for the K dictionary labels of each window's class
+            (broadcast against ``logits``).
+        ya: predictions kept per window.
+
+    Returns:
+        (...,) int intersection sizes.
+    """
+    top = top_predictions(logits, ya)  # (..., Ya)
+    member = np.broadcast_to(dict_member, logits.shape)
+    return np.take_along_axis(member, top, axis=-1).sum(-1)
+
+
+def _check_overlap(overlap: str) -> None:
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {', '.join(OVERLAPS)}, got {overlap!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ClassRow:
+    """Per-class statistics of a relevance store."""
+
+    label: str
+    videos: int
+    with_audio: int
+    mean_target: float
+    share_at_alpha: float  # share of (video, window) clips with target >= alpha
+
+
+@dataclass
+class RelevanceResult:
+    """What :func:`build_relevance` did, plus the per-class table."""
+
+    summary: Summary
+    path: Path
+    K: int
+    ya: int
+    overlap: str
+    alpha: float
+    classes: list[ClassRow] = field(default_factory=list)
+    mean_target: float = 0.0
+    share_at_alpha: float = 0.0
+
+
+def audio_store_finished(cache: str | Path) -> tuple[bool, str]:
+    """Whether ``cache/audio.zarr`` exists and every eligible video was attempted (done or error)."""
+    from imdpipe.pipeline.manifest import read_manifest
+
+    path = Path(cache) / AUDIO_STORE
+    if not path.exists():
+        return False, f"{path} does not exist (run `imdpipe extract-audio` first)"
+    store = StageStore.open_existing(path, stage="audio")
+    manifest = read_manifest(cache)
+    ok = np.asarray(manifest.ok_indices(), dtype=int)
+    if store.n_items != len(manifest):
+        return False, f"{path} holds {store.n_items} videos, the manifest {len(manifest)}"
+    done, err = store.done_mask(), store.errors()
+    pending = [i for i in ok if not done[i] and not err[i]]
+    if pending:
+        return False, f"{path} has {len(pending)} video(s) not yet processed (rerun extract-audio)"
+    return True, ""
+
+
+def _class_rows(savld, manifest) -> np.ndarray:
+    """SAVLD row of each manifest video's class (-1 for videos the manifest marks bad)."""
+    rows = np.full(len(manifest), -1, dtype=np.int64)
+    missing = set()
+    cache_rows: dict[str, int] = {}
+    for rec in manifest.records:
+        name = rec.label_name or (manifest.labels[rec.label] if 0 <= rec.label < len(manifest.labels) else "")
+        if name not in cache_rows:
+            try:
+                cache_rows[name] = savld.row_of(name)
+            except KeyError:
+                cache_rows[name] = -1
+                if rec.ok:
+                    missing.add(name)
+        rows[rec.index] = cache_rows[name]
+    if missing:
+        raise ValueError(f"the SAVLD has no row for video class(es) {sorted(missing)[:5]} of this cache "
+                         f"({len(missing)} in all): rebuild it from the cache's labels "
+                         f"(`imdpipe build-savld --cache DIR`, without --video-labels)")
+    return rows
+
+
+def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
+                    alpha: float = 0.25, overwrite: bool = False, part: Partition = Partition(),
+                    console=None, show_progress: bool = True) -> RelevanceResult:
+    """Write ``cache/relevance.zarr``: the relevance target of every video and audio window.
+
+    Args:
+        cache: cache root holding manifest.csv and a finished audio.zarr.
+        savld: a :class:`~imdpipe.pipeline.savld.Savld`, a path to savld.zarr, or None for
+            ``cache/savld.zarr``.
+        K: dictionary labels per class (paper best: 10); at most the dictionary's k.
+        ya: audio predictions per window (paper best: 20).
+        overlap: ``iou`` (paper default) or ``dice``.
+        alpha: relevance threshold, only for the per-class table (paper best: 0.25).
+        overwrite: rebuild an existing relevance store made with other settings.
+        part: which shards this process writes.
+        console: rich console; show_progress: draw a progress bar.
+
+    Raises:
+        ValueError: K/Ya out of range, label spaces that differ, or classes the SAVLD lacks.
+        SettingsMismatch: an existing relevance store with other settings (without overwrite).
+    """
+    from imdpipe.pipeline.manifest import read_manifest
+    from imdpipe.pipeline.savld import Savld, load_savld
+
+    _check_overlap(overlap)
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    if savld is None:
+        savld = cache / "savld.zarr"
+    if not isinstance(savld, Savld):
+        savld = load_savld(savld)
+    audio = StageStore.open_existing(cache / AUDIO_STORE, stage="audio")
+    a_attrs = audio.attrs
+    if a_attrs.get("manifest_sha256") not in (None, manifest.sha256):
+        raise SettingsMismatch(f"{audio.path} was built for another manifest.csv; rerun extract-audio "
+                               f"with --overwrite")
+    audio_labels = a_attrs.get("audio_labels")
+    if not audio_labels:
+        raise ValueError(f"{audio.path} has no root attr 'audio_labels' (the audio model's id2label); "
+                         f"rebuild it with `imdpipe extract-audio --overwrite`")
+    audio_labels = list(audio_labels)
+    if list(savld.audio_labels) != audio_labels:
+        diff = next((i for i, (a, b) in enumerate(zip(savld.audio_labels, audio_labels)) if a != b),
+                    min(len(savld.audio_labels), len(audio_labels)))
+        raise ValueError(
+            f"label spaces differ: the SAVLD maps into {len(savld.audio_labels)} audio labels but "
+            f"{audio.path} predicts {len(audio_labels)} (first difference at index {diff}). "
+            f"Rebuild the SAVLD against the audio model's labels: `imdpipe build-savld --cache {cache}` "
+            f"(without --audio-labels) or `--audio-labels <the audio model directory>`.")
+    C = len(audio_labels)
+    if not 1 <= K <= savld.k:
+        raise ValueError(f"K (--relevance-k) must be in [1, {savld.k}] (the SAVLD's k), got {K}")
+    if not 1 <= ya <= C:
+        raise ValueError(f"Ya (--ya) must be in [1, {C}] (the audio model's label count), got {ya}")
+    logits_arr = audio["logits"]
+    n, W = int(logits_arr.shape[0]), int(logits_arr.shape[1])
+    if n != len(manifest):
+        raise SettingsMismatch(f"{audio.path} holds {n} videos but the manifest has {len(manifest)}")
+    if int(logits_arr.shape[2]) != C:
+        raise ValueError(f"{audio.path}: logits have {logits_arr.shape[2]} labels, audio_labels {C}")
+
+    class_row = _class_rows(savld, manifest)
+    member = np.zeros((len(savld.video_labels), C), dtype=bool)  # (Uv, C) top-K labels of each class
+    np.put_along_axis(member, savld.topk_index[:, :K].astype(np.int64), True, axis=1)
+    audio_settings = audio.settings
+    settings = {"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
+                "audio_model": audio_settings.get("model", a_attrs.get("model")),
+                "audio_windows": W}
+    store = StageStore.open(
+        cache / STORE_NAME, stage=STAGE, settings=settings, manifest_sha256=manifest.sha256, n_items=n,
+        arrays=[ArraySpec("target", (W,), "float32", ("window",),
+                          attrs={"description": "normalised overlap in [0, 1]", "overlap": overlap,
+                                 "normalization": _NORMALIZATION[overlap]}),
+                ArraySpec("overlap_count", (W,), "int16", ("window",),
+                          attrs={"description": "|top-Ya predictions & top-K SAVLD labels|"})],
+        videos_per_shard=audio.videos_per_shard, overwrite=overwrite,
+        attrs={"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
+               "savld_k": savld.k, "savld_metric": savld.metric, "savld_encoder": savld.attrs.get("encoder")})
+
+    has_audio_arr = audio["has_audio"]
+    starts_arr = audio.group.get("window_start_s") if "window_start_s" in audio.group else None
+
+    audio_done, audio_err = audio.done_mask(), audio.errors()
+    manifest_audio = np.array([r.has_audio for r in manifest.records], dtype=bool)
+
+    def produce(pending: list[int]):
+        # read the audio store one contiguous run of pending indices at a time (a shard or less)
+        for s, e in _runs(pending, audio.videos_per_shard):
+            logits = np.asarray(logits_arr[s:e], dtype=np.float32)  # (b, W, C)
+            a_done, a_err = audio_done[s:e], audio_err[s:e]
+            # no audio track: per the audio store, or per the manifest when the audio stage skipped it
+            has = np.asarray(has_audio_arr[s:e], dtype=bool) & a_done
+            silent = ~has & (a_done | ~manifest_audio[s:e])
+            valid = np.ones((e - s, W), dtype=bool)
+            if starts_arr is not None:
+                valid = ~np.isnan(np.asarray(starts_arr[s:e], dtype=np.float32))
+            rows = class_row[s:e]
+            counts = window_counts(logits, member[rows][:, None, :], ya=ya)  # (b, W)
+            counts = np.where(has[:, None] & valid, counts, 0)
+            targets = normalized_overlap(counts, K=K, Ya=ya, overlap=overlap)
+            for j, i in enumerate(range(s, e)):
+                if not a_done[j] and not silent[j]:
+                    why = a_err[j] or "not processed yet"
+                    yield i, RuntimeError(f"the audio stage has no result for this video ({why}); "
+                                          f"fix it and rerun extract-audio, then build-savld")
+                    continue
+                yield i, {"target": targets[j].astype(np.float32),
+                          "overlap_count": counts[j].astype(np.int16)}
+
+    summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=manifest.paths,
+                        part=part, description="relevance", console=console, show_progress=show_progress)
+    result = RelevanceResult(summary=summary, path=store.path, K=K, ya=ya, overlap=overlap, alpha=alpha)
+    _fill_table(result, store, manifest, has_audio=np.asarray(has_audio_arr[:], dtype=bool))
+    return result
+
+
+_NORMALIZATION = {
+    "iou": "target = (c / (K + Ya - c)) / (min(K, Ya) / max(K, Ya)), c = overlap_count",
+    "dice": "target = (2c / (K + Ya)) / (2 min(K, Ya) / (K + Ya)) = c / min(K, Ya), c = overlap_count",
+}
+
+
+def _runs(indices: list[int], block: int) -> list[tuple[int, int]]:
+    """Contiguous [s, e) spans covering ``indices``, never crossing a multiple of ``block``."""
+    spans: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if spans and spans[-1][1] == i and i % block != 0:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def _fill_table(result: RelevanceResult, store: StageStore, manifest, *, has_audio: np.ndarray) -> None:
+    done = store.done_mask()
+    target = np.asarray(store["target"][:], dtype=np.float32)  # (N, W)
+    by_class: dict[str, list[int]] = {}
+    for rec in manifest.records:
+        if done[rec.index]:
+            by_class.setdefault(rec.label_name, []).append(rec.index)
+    rows = []
+    for label in [*manifest.labels, *sorted(set(by_class) - set(manifest.labels))]:
+        idx = by_class.get(label)
+        if not idx:
+            continue
+        t = target[idx]
+        rows.append(ClassRow(label=label, videos=len(idx), with_audio=int(has_audio[idx].sum()),
+                             mean_target=float(t.mean()), share_at_alpha=float((t >= result.alpha).mean())))
+    result.classes = rows
+    if done.any():
+        t = target[done]
+        result.mean_target = float(t.mean())
+        result.share_at_alpha = float((t >= result.alpha).mean())
+
+
+def print_relevance_table(result: RelevanceResult, console=None) -> None:
+    """The per-class table: videos, with audio, mean relevance, share of clips >= alpha."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    table = Table(title=f"relevance targets ({result.overlap.upper()}, K={result.K}, Ya={result.ya})")
+    table.add_column("class")
+    for col in ("videos", "with audio", "mean relevance", f"clips >= {result.alpha:g}"):
+        table.add_column(col, justify="right")
+    for r in result.classes:
+        table.add_row(r.label, str(r.videos), str(r.with_audio), f"{r.mean_target:.3f}",
+                      f"{100 * r.share_at_alpha:.1f}%")
+    if result.classes:
+        table.add_section()
+        table.add_row("all", str(sum(r.videos for r in result.classes)),
+                      str(sum(r.with_audio for r in result.classes)), f"{result.mean_target:.3f}",
+                      f"{100 * result.share_at_alpha:.1f}%")
+    console.print(table)

@@ -314,6 +314,18 @@ class Savld:
         if not self.sha256:
             self.sha256 = savld_sha256(self.video_labels, self.audio_labels, self.topk_index)
 
+    @classmethod
+    def from_similarity(cls, video_labels, audio_labels, similarity, *, k: int, metric: str = "cosine",
+                        **attrs) -> Savld:
+        """A dictionary from a (Uv, Ua) "higher is closer" similarity matrix (top-k per row)."""
+        similarity = np.asarray(similarity, np.float32)
+        if similarity.shape != (len(video_labels), len(audio_labels)):
+            raise ValueError(f"similarity must be ({len(video_labels)}, {len(audio_labels)}), "
+                             f"got {similarity.shape}")
+        idx, score = topk(similarity, k)
+        return cls(video_labels=list(video_labels), audio_labels=list(audio_labels), similarity=similarity,
+                   topk_index=idx, topk_score=score, attrs={"metric": metric, "k": k, **attrs})
+
     @property
     def k(self) -> int:
         return int(self.topk_index.shape[1])
@@ -501,26 +513,49 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
     emb = encode_texts(video_texts + audio_texts, tokenizer, model, batch_size=batch_size,
                        normalize=info["normalize"])
     sim = similarity_matrix(emb[: len(video_texts)], emb[len(video_texts):], metric=metric)
-    idx, score = topk(sim, k)
-    savld = Savld(video_labels=video_labels, audio_labels=audio_labels, similarity=sim, topk_index=idx,
-                  topk_score=score)
-    attrs = root_attrs(STAGE, settings, manifest_sha, encoder=model_id,
-                       encoder_sha256=info["weights_sha256"], metric=metric, k=k,
-                       video_labels=video_labels, audio_labels=audio_labels, video_texts=video_texts,
-                       audio_texts=audio_texts, video_source=video_source or "list",
-                       audio_source=audio_source or "list", savld_sha256=savld.sha256,
-                       similarity_convention="higher is closer: cosine similarity, or minus the "
-                                             "euclidean/manhattan distance; ties -> lower audio index")
+    savld = Savld.from_similarity(video_labels, audio_labels, sim, k=k, metric=metric)
+    extra = {"encoder": model_id, "encoder_sha256": info["weights_sha256"], "video_texts": video_texts,
+             "audio_texts": audio_texts, "video_source": video_source or "list",
+             "audio_source": audio_source or "list"}
+    return write_savld(savld, out, settings=settings, manifest_sha256=manifest_sha, plot=plot,
+                       overwrite=overwrite, **extra)
+
+
+def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha256: str | None = None,
+                plot: bool = False, overwrite: bool = False, **attrs) -> Savld:
+    """Write a dictionary as ``out/savld.zarr`` + ``out/savld.txt`` (+ plots); returns it with its attrs.
+
+    Args:
+        savld: the dictionary.
+        out: output directory.
+        settings: what made it (encoder, encoder_sha256, metric, k, ...), recorded in root attrs.
+        manifest_sha256: the cache manifest it was built for, if any.
+        plot: also write the PNGs into ``out/plots``.
+        overwrite: replace an existing ``savld.zarr``.
+        **attrs: extra root attrs (encoder id, label texts, label sources).
+    """
+    out = Path(out)
+    metric = settings.get("metric", savld.attrs.get("metric", ""))
+    root = root_attrs(STAGE, settings, manifest_sha256, metric=metric, k=savld.k,
+                      video_labels=savld.video_labels, audio_labels=savld.audio_labels,
+                      savld_sha256=savld.sha256, similarity_convention=SIMILARITY_CONVENTION, **attrs)
     out.mkdir(parents=True, exist_ok=True)
-    group = create_group(store_path, attrs, overwrite=overwrite)
-    add_array(group, "similarity", sim, ("video_label", "audio_label"), metric=metric)
-    add_array(group, "topk_index", idx, ("video_label", "rank"), description="audio label index, best first")
-    add_array(group, "topk_score", score, ("video_label", "rank"), metric=metric)
+    group = create_group(out / STORE_NAME, root, overwrite=overwrite)
+    add_array(group, "similarity", np.asarray(savld.similarity, np.float32), ("video_label", "audio_label"),
+              metric=metric)
+    add_array(group, "topk_index", np.asarray(savld.topk_index, np.int32), ("video_label", "rank"),
+              description="audio label index, best first")
+    add_array(group, "topk_score", np.asarray(savld.topk_score, np.float32), ("video_label", "rank"),
+              metric=metric)
     savld.attrs = dict(group.attrs)
     write_savld_txt(out / TEXT_NAME, savld)
     if plot:
         write_plots(savld, out / PLOTS_DIR)
     return savld
+
+
+SIMILARITY_CONVENTION = ("higher is closer: cosine similarity, or minus the euclidean/manhattan distance; "
+                         "ties -> lower audio index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +610,7 @@ def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Pat
     fig, ax = plt.subplots(figsize=(9, max(3.0, 0.22 * len(order) + 1.5)), dpi=110)
     ax.barh(range(len(order)), counts[order], color="tab:blue")
     ax.set_yticks(range(len(order)), [savld.audio_labels[j] for j in order], fontsize=8)
-    ax.invert_yaxis()  # most frequent on top
+    ax.set_ylim(len(order) - 0.5, -0.5)  # most frequent on top, no empty margin
     ax.set_xlabel(f"video labels mapping to it (of {uv}, k={savld.k})")
     ax.set_title(f"{len(order)} audio labels most often in the SAVLD ({enc}, {metric})")
     for y, c in enumerate(counts[order]):

@@ -14,8 +14,17 @@ from train_fixtures import make_cache, tiny_config
 from typer.testing import CliRunner
 
 from imdpipe.train.config import TrainConfig, load_config
-from imdpipe.train.data import (ClipDataset, clip_centre_time, eval_boxes, eval_starts, flow_to_input,
-                                nearest_window, open_cache, select_videos)
+from imdpipe.train.data import (
+    ClipDataset,
+    clip_centre_time,
+    eval_boxes,
+    eval_starts,
+    flow_pixels,
+    flow_to_input,
+    nearest_window,
+    open_cache,
+    select_videos,
+)
 from imdpipe.train.loop import lr_factor, train
 
 torch.set_num_threads(1)
@@ -117,7 +126,7 @@ def test_flip_negates_flow_x_and_resize_scales_pixels():
     q = rng.integers(0, 256, size=(2, 8, 12, 2)).astype(np.uint8)
     plain = flow_to_input(q, 8, False, 20.0)
     flipped = flow_to_input(q, 8, True, 20.0)
-    assert torch.equal(flipped[:, 0], -plain[:, 0].flip(-1))
+    assert torch.allclose(flipped[:, 0], -plain[:, 0].flip(-1), atol=1e-5)
     assert torch.equal(flipped[:, 1], plain[:, 1].flip(-1))
     # a uniform 3 px motion right, 1 px down in a 12x8 crop resized to 24x24: x * 2, y * 3
     from imdpipe.pipeline.flow_utils import dequantize, quantize
@@ -138,7 +147,9 @@ def test_train_item_flip_matches_stored_flow(cache):
     fx = {}
     for item in (ds[i] for i in range(len(ds))):
         # fixture: flow x is +3 px for even labels, -3 for odd; a flip turns the sign
-        fx[item["index"]] = (item["label"], float(item["flow"][:, 0].mean()))
+        assert item["flow"].dtype == torch.uint8 and item["rgb"].dtype == torch.uint8
+        flow = flow_pixels(item["flow"][None], item["flow_scale"][None], 20.0)[0]
+        fx[item["index"]] = (item["label"], float(flow[:, 0].mean()))
     signs = {np.sign(v) * (1 if lbl % 2 == 0 else -1) for lbl, v in fx.values()}
     assert signs == {1.0, -1.0}  # some flipped, some not
     for _lbl, v in fx.values():

@@ -132,7 +132,7 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
                   console=console, disable=not show_progress) as progress:
         task = progress.add_task(f"evaluate {split} ({clips}x{crops} views)", total=len(ds))
         res = score_views(model, loader, modalities=config.modalities, device=dev, amp=config.amp,
-                          progress=progress, task=task)
+                          flow_bound=info.flow_bound, progress=progress, task=task)
 
     probs, y = res["probs"], res["labels"]
     pred = probs.argmax(1)

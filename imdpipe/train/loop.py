@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from imdpipe.train.config import TrainConfig, save_config
-from imdpipe.train.data import ClipDataset, open_cache, relevance_settings, report_selection, select_videos
+from imdpipe.train.data import (
+    ClipDataset,
+    open_cache,
+    prepare_inputs,
+    relevance_settings,
+    report_selection,
+    select_videos,
+)
 from imdpipe.train.runtime import (
     CHECKPOINT_BEST,
     CHECKPOINT_LAST,
@@ -52,20 +59,6 @@ CONFIG_NAME = "config.yaml"
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
-def model_inputs(batch: dict, modalities, device: torch.device, *, flatten_views: bool = False):
-    """``(rgb, flow, audio)`` on ``device`` (None for modalities not used); eval batches
-    ``(B, V, ...)`` are flattened to ``(B * V, ...)``."""
-    out = []
-    for key in ("rgb", "flow", "audio"):
-        x = batch.get(key) if key in modalities else None
-        if x is not None:
-            x = x.to(device, non_blocking=True)
-            if flatten_views:
-                x = x.flatten(0, 1)
-        out.append(x)
-    return tuple(out)
-
-
 def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -110,7 +103,8 @@ def resolve_val_split(name: str, splits: set[str], train_split: str) -> str | No
 
 
 @torch.no_grad()
-def score_views(model, loader, *, modalities, device, amp: bool, progress=None, task=None):
+def score_views(model, loader, *, modalities, device, amp: bool, flow_bound: float = 20.0, progress=None,
+                task=None):
     """Forward every view of every video; returns per-video softmax averaged over views and per-view rev.
 
     Returns a dict of tensors: ``probs`` (N, C), ``labels`` (N,), ``indices`` (N,),
@@ -120,7 +114,7 @@ def score_views(model, loader, *, modalities, device, amp: bool, progress=None, 
     probs, labels, indices, revs, targets, has_audio = [], [], [], [], [], []
     for batch in loader:
         b = batch["label"].shape[0]
-        rgb, flow, audio = model_inputs(batch, modalities, device, flatten_views=True)
+        rgb, flow, audio = prepare_inputs(batch, modalities, device, flow_bound=flow_bound, flatten_views=True)
         with autocast_context(device, amp):
             logits, rev = model(rgb, flow, audio)
         p = logits.float().softmax(-1).view(b, -1, logits.shape[-1]).mean(1)  # average over views
@@ -325,7 +319,7 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
             sums = [0.0] * 5  # loss, ce, bce, correct, clips (local)
             t0 = time.perf_counter()
             for batch in loader:
-                rgb, flow, audio = model_inputs(batch, config.modalities, device)
+                rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=info.flow_bound)
                 labels = batch["label"].to(device)
                 targets = batch["target"].to(device) if "target" in batch else None
                 with autocast_context(device, config.amp):
@@ -358,7 +352,8 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
                    "train_top1": 100 * sums[3] / sums[4], "lr": scheduler.get_last_lr()[0],
                    "clips_per_s": sums[4] / seconds, "seconds": seconds, "val_top1": None, "val_loss": None}
             if val_loader is not None:
-                res = score_views(raw_model, val_loader, modalities=config.modalities, device=device, amp=config.amp)
+                res = score_views(raw_model, val_loader, modalities=config.modalities, device=device, amp=config.amp,
+                                  flow_bound=info.flow_bound)
                 rec["val_top1"] = 100 * (res["probs"].argmax(-1) == res["labels"]).float().mean().item()
                 rec["val_loss"] = F.nll_loss(res["probs"].clamp_min(1e-12).log(), res["labels"]).item()
             if ddp.main:

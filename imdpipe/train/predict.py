@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from imdpipe.train.config import TrainConfig
-from imdpipe.train.data import AUDIO_STORE, FRAMES_STORE, eval_views
-from imdpipe.train.loop import model_inputs
+from imdpipe.train.data import AUDIO_STORE, FRAMES_STORE, eval_views, prepare_inputs
 from imdpipe.train.runtime import (
     autocast_context,
     load_checkpoint,
@@ -128,7 +127,8 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
             results.append({"video": str(video), "error": msg})
             continue
         batch = {k: v.unsqueeze(0) for k, v in views.items() if isinstance(v, torch.Tensor)}
-        rgb, flow, aud = model_inputs(batch, config.modalities, dev, flatten_views=True)
+        rgb, flow, aud = prepare_inputs(batch, config.modalities, dev, flow_bound=flow_settings.bound,
+                                        flatten_views=True)
         with autocast_context(dev, config.amp):
             logits, rev = model(rgb, flow, aud)
         probs = logits.float().softmax(-1).mean(0).cpu()

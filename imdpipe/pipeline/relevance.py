@@ -181,7 +181,7 @@ def _class_rows(savld, manifest) -> np.ndarray:
 
 
 def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
-                    alpha: float = 0.25, overwrite: bool = False, part: Partition = Partition(),
+                    alpha: float = 0.25, overwrite: bool = False, part: Partition | None = None,
                     console=None, show_progress: bool = True) -> RelevanceResult:
     """Write ``cache/relevance.zarr``: the relevance target of every video and audio window.
 
@@ -194,7 +194,7 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
         overlap: ``iou`` (paper default) or ``dice``.
         alpha: relevance threshold, only for the per-class table (paper best: 0.25).
         overwrite: rebuild an existing relevance store made with other settings.
-        part: which shards this process writes.
+        part: which shards this process writes (default: all).
         console: rich console; show_progress: draw a progress bar.
 
     Raises:
@@ -290,7 +290,8 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
                           "overlap_count": counts[j].astype(np.int16)}
 
     summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=manifest.paths,
-                        part=part, description="relevance", console=console, show_progress=show_progress)
+                        part=part or Partition(), description="relevance", console=console,
+                        show_progress=show_progress)
     result = RelevanceResult(summary=summary, path=store.path, K=K, ya=ya, overlap=overlap, alpha=alpha)
     _fill_table(result, store, manifest, has_audio=np.asarray(has_audio_arr[:], dtype=bool))
     return result

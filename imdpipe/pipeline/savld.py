@@ -423,7 +423,7 @@ def _cache_audio_labels(cache: Path) -> list[str] | None:
 def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str] | None = None,
                 k: int = 10, metric: str = "cosine", text_model: str | Path | None = None,
                 out: str | Path | None = None, plot: bool = False, cache: str | Path | None = None,
-                overwrite: bool = False, device: str = "cpu", batch_size: int = 64,
+                overwrite: bool = False, device: str = "cpu", batch_size: int = 64, threads: int | None = 1,
                 video_source: str | None = None, audio_source: str | None = None,
                 console=None) -> Savld:
     """Build the dictionary and write ``savld.zarr`` and ``savld.txt`` (and plots) into ``out``.
@@ -442,6 +442,9 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
             it, an identical existing dictionary is reused and a different one is refused.
         device: torch device for the encoder.
         batch_size: texts per encoder forward pass.
+        threads: torch CPU threads while encoding (restored afterwards); None keeps torch's
+            setting. One thread by default: a thousand short labels take about 2 s on one core,
+            and on a shared machine more threads than free cores is several times slower.
         video_source, audio_source: where the labels came from (recorded in attrs).
         console: a rich console for messages.
     """
@@ -507,11 +510,19 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
             write_plots(existing, out / PLOTS_DIR)
         return existing
 
+    import torch
+
     tokenizer, model, info = load_text_encoder(text_model, device=device)
     video_texts = [normalize_label(v, kind="video") for v in video_labels]
     audio_texts = [normalize_label(a, kind="audio") for a in audio_labels]
-    emb = encode_texts(video_texts + audio_texts, tokenizer, model, batch_size=batch_size,
-                       normalize=info["normalize"])
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        emb = encode_texts(video_texts + audio_texts, tokenizer, model, batch_size=batch_size,
+                           normalize=info["normalize"])
+    finally:
+        torch.set_num_threads(before)
     sim = similarity_matrix(emb[: len(video_texts)], emb[len(video_texts):], metric=metric)
     savld = Savld.from_similarity(video_labels, audio_labels, sim, k=k, metric=metric)
     extra = {"encoder": model_id, "encoder_sha256": info["weights_sha256"], "video_texts": video_texts,

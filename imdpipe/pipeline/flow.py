@@ -640,37 +640,13 @@ def store_arrays(settings: FlowSettings) -> list:
 
 def open_frames_store(cache: str | Path, settings: FlowSettings, manifest, *, videos_per_shard: int,
                       overwrite: bool):
-    """Create or reopen ``frames.zarr``; tolerates another shard process creating it first."""
+    """Create or reopen ``frames.zarr`` (concurrent ``--shard`` writers join the first one's store)."""
     from imdpipe.pipeline.store import StageStore
 
-    path = Path(cache) / STORE_NAME
-    kwargs = {"stage": STAGE, "settings": settings.to_store(), "manifest_sha256": manifest.sha256,
-                  "n_items": len(manifest), "arrays": store_arrays(settings), "videos_per_shard": videos_per_shard,
-                  "attrs": {"layout": "rgb/flow (video, time, y, x, channel)"}}
-    try:
-        return StageStore.open(path, overwrite=overwrite, **kwargs)
-    except (OSError, KeyError) as e:
-        # Another shard process is creating the store at the same moment: our rename lost the race
-        # (OSError), or its group is in place but its arrays are still being added (KeyError).
-        # Join its store once complete; the settings check still applies.
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not path.exists():
-            raise
-        last = e
-    import time
-
-    for _ in range(600):
-        time.sleep(0.1)
-        try:
-            return StageStore.open(path, overwrite=False, **kwargs)
-        except KeyError as e:
-            last = e
-    raise RuntimeError(f"{path} exists but is incomplete (missing {last}); another process may have died "
-                       f"while creating it: rerun with --overwrite") from None
+    return StageStore.open(Path(cache) / STORE_NAME, stage=STAGE, settings=settings.to_store(),
+                           manifest_sha256=manifest.sha256, n_items=len(manifest), arrays=store_arrays(settings),
+                           videos_per_shard=videos_per_shard, overwrite=overwrite,
+                           attrs={"layout": "rgb/flow (video, time, y, x, channel)"})
 
 
 def _resolve_path(cache: Path, p: str) -> str:

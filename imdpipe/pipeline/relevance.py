@@ -14,7 +14,8 @@ and Ya allow. With ``c = |P & D|`` and ``m = min(K, Ya)`` (the largest possible 
 * target = raw overlap / its maximum, so a window whose predictions contain all K dictionary
   labels (or all Ya predictions are dictionary labels) gets 1 even when K != Ya.
 
-A video without an audio track gets target 0 and count 0 in every window. A window whose
+A video without an audio track (done in audio.zarr with ``has_audio`` False) gets target 0 and
+count 0 in every window; a video the audio stage failed on is a failure here too. A window whose
 ``window_start_s`` is NaN (a window the audio stage did not fill) is also 0.
 
 ``relevance.zarr`` (stage ``relevance``) is a per-video store: ``target`` float32 (N, W) and
@@ -263,16 +264,13 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
     starts_arr = audio.group.get("window_start_s") if "window_start_s" in audio.group else None
 
     audio_done, audio_err = audio.done_mask(), audio.errors()
-    manifest_audio = np.array([r.has_audio for r in manifest.records], dtype=bool)
 
     def produce(pending: list[int]):
         # read the audio store one contiguous run of pending indices at a time (a shard or less)
         for s, e in _runs(pending, audio.videos_per_shard):
             logits = np.asarray(logits_arr[s:e], dtype=np.float32)  # (b, W, C)
             a_done, a_err = audio_done[s:e], audio_err[s:e]
-            # no audio track: per the audio store, or per the manifest when the audio stage skipped it
-            has = np.asarray(has_audio_arr[s:e], dtype=bool) & a_done
-            silent = ~has & (a_done | ~manifest_audio[s:e])
+            has = np.asarray(has_audio_arr[s:e], dtype=bool) & a_done  # no audio track -> 0
             valid = np.ones((e - s, W), dtype=bool)
             if starts_arr is not None:
                 valid = ~np.isnan(np.asarray(starts_arr[s:e], dtype=np.float32))
@@ -281,7 +279,7 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
             counts = np.where(has[:, None] & valid, counts, 0)
             targets = normalized_overlap(counts, K=K, Ya=ya, overlap=overlap)
             for j, i in enumerate(range(s, e)):
-                if not a_done[j] and not silent[j]:
+                if not a_done[j]:
                     why = a_err[j] or "not processed yet"
                     yield i, RuntimeError(f"the audio stage has no result for this video ({why}); "
                                           f"fix it and rerun extract-audio, then build-savld")

@@ -551,13 +551,16 @@ def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha25
                       video_labels=savld.video_labels, audio_labels=savld.audio_labels,
                       savld_sha256=savld.sha256, similarity_convention=SIMILARITY_CONVENTION, **attrs)
     out.mkdir(parents=True, exist_ok=True)
-    group = create_group(out / STORE_NAME, root, overwrite=overwrite)
-    add_array(group, "similarity", np.asarray(savld.similarity, np.float32), ("video_label", "audio_label"),
-              metric=metric)
-    add_array(group, "topk_index", np.asarray(savld.topk_index, np.int32), ("video_label", "rank"),
-              description="audio label index, best first")
-    add_array(group, "topk_score", np.asarray(savld.topk_score, np.float32), ("video_label", "rank"),
-              metric=metric)
+
+    def build(group):  # the arrays are written before the store is renamed into place
+        add_array(group, "similarity", np.asarray(savld.similarity, np.float32), ("video_label", "audio_label"),
+                  metric=metric)
+        add_array(group, "topk_index", np.asarray(savld.topk_index, np.int32), ("video_label", "rank"),
+                  description="audio label index, best first")
+        add_array(group, "topk_score", np.asarray(savld.topk_score, np.float32), ("video_label", "rank"),
+                  metric=metric)
+
+    group = create_group(out / STORE_NAME, root, overwrite=overwrite, build=build)
     savld.attrs = dict(group.attrs)
     write_savld_txt(out / TEXT_NAME, savld)
     if plot:

@@ -21,7 +21,7 @@ def _produce(fail=()):
     def produce(indices):
         for i in indices:
             if i in fail:
-                yield i, ValueError(f"bad video {i}")
+                yield i, ValueError(f"bad video {i} [Errno 2]")
             else:
                 yield i, {"x": np.full((3, 2), i, np.float32), "n": np.int32(i * 10)}
     return produce
@@ -57,11 +57,11 @@ def test_run_writes_values_errors_and_done_flags_that_survive_reopen(tmp_path):
     summary = run_stage(store, _produce(fail={5}), eligible=[i for i in range(10) if i != 2],
                         names=[f"v{i}.mp4" for i in range(10)], show_progress=False)
     assert (summary.ok, summary.failed, summary.skipped) == (8, 1, 1)
-    assert summary.errors == [(5, "v5.mp4", "ValueError: bad video 5")]
+    assert summary.errors == [(5, "v5.mp4", "ValueError: bad video 5 [Errno 2]")]
     again = _open(tmp_path / "s.zarr")
     done = again.done_mask()
     assert done.tolist() == [i not in (2, 5) for i in range(10)]
-    assert again.errors()[5] == "ValueError: bad video 5"
+    assert again.errors()[5] == "ValueError: bad video 5 [Errno 2]"
     x = again["x"][:]
     assert x[7, 0, 0] == 7 and x[2].sum() == 0 and x[5].sum() == 0
     # a rerun only retries the failed video; a fixed file then succeeds and keeps the others intact
@@ -103,3 +103,21 @@ def test_two_partitions_write_the_same_store_as_one(tmp_path):
                   part=Partition(i, 2), show_progress=False)
     np.testing.assert_array_equal(one["x"][:], two["x"][:])
     assert two.done_mask().all()
+
+
+def test_progress_bar_and_summary_render(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from imdpipe.pipeline.store import print_summary
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    store = _open(tmp_path / "s.zarr")
+    summary = run_stage(store, _produce(fail={1}), eligible=range(10), names=[f"v{i}" for i in range(10)],
+                        console=console, show_progress=True, description="demo")
+    print_summary(summary, console)
+    text = buf.getvalue()
+    assert "videos/s" in text and "10/10" in text
+    assert "failed" in text and "v1: ValueError: bad video 1 [Errno 2]" in text

@@ -467,28 +467,23 @@ class _NoProgress:
 def _progress(console, show: bool, unit: str):
     if not show:
         return _NoProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
 
-    class _Rate(TextColumn):
+    class _Rate(ProgressColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
-            return super().render(task) if speed is None else self.text_format.format(f"{speed:.1f}")
+            return Text(f"{'?' if speed is None else f'{speed:.1f}'} {unit}s/s", style="progress.data.speed")
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _Rate("{} " + unit + "s/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
 def print_summary(summary: Summary, console=None, *, max_errors: int = 10) -> None:
     """Print the ok / failed / skipped table and the first few error messages."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console(stderr=True)
@@ -499,6 +494,6 @@ def print_summary(summary: Summary, console=None, *, max_errors: int = 10) -> No
                   str(summary.not_mine), f"{summary.seconds:.1f}")
     console.print(table)
     for index, name, message in summary.errors[:max_errors]:
-        console.print(f"[red]failed[/red] #{index} {name}: {message}")
+        console.print(f"[red]failed[/red] #{index} {escape(name)}: {escape(message)}", highlight=False)
     if len(summary.errors) > max_errors:
         console.print(f"... and {len(summary.errors) - max_errors} more (see the store's `error` array)")

@@ -90,7 +90,7 @@ def open_cache(cache: str | Path, *, audio: bool, relevance: bool) -> CacheInfo:
     manifest = read_manifest(root)
     wanted = [FRAMES_STORE] + ([AUDIO_STORE] if audio or relevance else []) + ([RELEVANCE_STORE] if relevance else [])
     hints = {FRAMES_STORE: "imdpipe extract-flow", AUDIO_STORE: "imdpipe extract-audio",
-             RELEVANCE_STORE: "imdpipe build-savld / imdpipe relevance"}
+             RELEVANCE_STORE: "imdpipe build-savld --cache (it writes relevance.zarr once audio.zarr is finished)"}
     stores, provenance = {}, {}
     for name in wanted:
         path = root / name

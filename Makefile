@@ -52,7 +52,7 @@ TRAIN := $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m imdpipe t
 STAGE_LAUNCH := $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m imdpipe
 endif
 PAPER_TRAIN := --size base --fusion imd --alpha 0.25 --scheme M --optimizer sgd --lr 0.005 \
-	--weight-decay 1e-4 --batch-size 64 --epochs 15 --augment-p 0.5 $(if $(INIT),--init-checkpoint $(INIT))
+	--weight-decay 1e-4 --batch-size 64 --epochs 15 --cross-modal-p 0.5 $(if $(INIT),--init-checkpoint $(INIT))
 SAVLD_OPTS := --k 10 --relevance-k 10 --ya 20 --overlap iou --metric cosine --plot $(if $(TEXT_MODEL),--text-model $(TEXT_MODEL))
 
 .PHONY: k400 ucf101 hmdb51 _stages _check_paths

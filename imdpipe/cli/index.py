@@ -1,0 +1,57 @@
+"""``imdpipe index``: build a cache's manifest.csv and labels.txt from a dataset folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from imdpipe.cli.options import CacheOpt, QuietOpt, StrictOpt, WorkersOpt
+
+
+def index_cmd(
+    root: Annotated[Path, typer.Argument(help="Dataset folder: class folders ROOT/<class>/<video> "
+                                              "(UCF-101, HMDB51, `imdpipe synth` OUT/videos), or the folder "
+                                              "Kinetics files <youtube_id>_<start:06d>_<end:06d>.mp4 live under.")],
+    cache: CacheOpt,
+    annotations: Annotated[Optional[list[Path]], typer.Option(
+        "--annotations", help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split); "
+                              "repeat for train/validate/test. Splits are taken from the CSV.")] = None,
+    splits: Annotated[Optional[Path], typer.Option(
+        "--splits", help="Folder with UCF-101 trainlist0N/testlist0N.txt (+ classInd.txt) or HMDB51 "
+                         "<class>_test_splitN.txt files. Videos they do not use get split 'unused'. "
+                         "Without it (and without --annotations) every video gets split 'all'.")] = None,
+    split_id: Annotated[int, typer.Option("--split-id", min=1, max=3,
+                                          help="Official split number (the paper reports split 1).")] = 1,
+    labels: Annotated[Optional[str], typer.Option(
+        "--labels", help="Label order: a built-in set (kinetics400, ucf101, hmdb51) or a text file with "
+                         "one class a line. Default: classInd.txt, else the built-in set of the layout, "
+                         "else class names sorted.")] = None,
+    workers: WorkersOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing manifest.csv that differs "
+                                            "from the new index (stores built on the old one will then be "
+                                            "refused as stale).")] = False,
+    strict: StrictOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Probe every video with PyAV and write manifest.csv + labels.txt into --cache.
+
+    Unreadable videos (empty, truncated, not a video) get status=error with a message; the run goes on. Duplicate video ids are refused.
+    """
+    from rich.console import Console
+
+    from imdpipe.pipeline.index import DatasetLayoutError, print_index_summary, run_index
+
+    console = Console(stderr=True)
+    try:
+        manifest, summary = run_index(cache=cache, root=root, annotations=annotations or None, splits=splits,
+                                      split_id=split_id, labels=labels, workers=workers, overwrite=overwrite,
+                                      console=console, show_progress=not quiet)
+    except (DatasetLayoutError, FileExistsError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    print_index_summary(manifest, summary, console)
+    if strict and summary.failed:
+        typer.echo(f"{summary.failed} video(s) could not be read (--strict).", err=True)
+        raise typer.Exit(code=1)

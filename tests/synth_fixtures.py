@@ -1,9 +1,10 @@
 """Shared synthetic-dataset fixtures: a tiny real dataset from ``imdpipe synth`` and its index.
 
 Import in another test file with ``from synth_fixtures import synth_tiny, synth_tiny_cache`` (the
-same way as ``audio_fixtures``; tests/ has no ``__init__.py``). Datasets are built once per test
-session and per settings, whichever module asks first; treat them as read-only (copy before
-modifying).
+same way as ``audio_fixtures``; tests/ has no ``__init__.py``), or, to keep ruff's F811 quiet, wrap
+the builders in a local fixture: ``return build_synth(tmp_path_factory, videos_per_class=3)``.
+Datasets are built once per test session and per settings, whichever module asks first; treat
+them as read-only (copy before modifying).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from imdpipe.pipeline.index import build_index
 from imdpipe.pipeline.synth import synth_dataset
 
 #: 8 classes x 2 videos, 64x64, 1.5 s at 8 fps (12 frames), 16 one-second sound-bank clips.
-TINY = dict(seed=0, videos_per_class=2, size=(64, 64), duration_s=1.5, fps=8, test_fraction=0.5,
-            soundbank_clips=16, soundbank_duration_s=1.0)
+TINY = {"seed": 0, "videos_per_class": 2, "size": (64, 64), "duration_s": 1.5, "fps": 8, "test_fraction": 0.5,
+        "soundbank_clips": 16, "soundbank_duration_s": 1.0}
 
 _BUILT: dict[tuple, Path] = {}
 

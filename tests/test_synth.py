@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import wave
 from pathlib import Path
@@ -10,17 +11,33 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from synth_fixtures import TINY, build_synth, synth_tiny  # noqa: F401 - fixture
+from synth_fixtures import TINY, build_synth
 from typer.testing import CliRunner
 
 from imdpipe.cli.main import app
 from imdpipe.labels import label_set
 from imdpipe.pipeline.index import probe_video
-from imdpipe.pipeline.synth import (CLASS_DESIGN, SOUND_POOL, VISUAL_FAMILIES, plan_dataset, plan_soundbank,
-                                    read_plans, render_frames, render_sound, render_video, synth_dataset,
-                                    visual_pairs)
+from imdpipe.pipeline.synth import (
+    CLASS_DESIGN,
+    SOUND_POOL,
+    VISUAL_FAMILIES,
+    plan_dataset,
+    plan_soundbank,
+    read_plans,
+    render_frames,
+    render_sound,
+    render_video,
+    synth_dataset,
+    visual_pairs,
+)
 
-RENDER = dict(size=TINY["size"], duration_s=TINY["duration_s"], fps=TINY["fps"])
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return build_synth(tmp_path_factory)
+
+
+RENDER = {"size": TINY["size"], "duration_s": TINY["duration_s"], "fps": TINY["fps"]}
 
 
 def _gt(out: Path) -> list[dict]:
@@ -89,7 +106,7 @@ def _band_features(x: np.ndarray, sr: int = 16000) -> np.ndarray:
     spec = np.abs(np.fft.rfft(x * np.hanning(x.size)))
     edges = np.geomspace(40, sr / 2, 25)
     f = np.fft.rfftfreq(x.size, 1 / sr)
-    bands = np.array([spec[(f >= lo) & (f < hi)].mean() for lo, hi in zip(edges[:-1], edges[1:])])
+    bands = np.array([spec[(f >= lo) & (f < hi)].mean() for lo, hi in itertools.pairwise(edges)])
     v = np.log(bands + 1e-6)
     return (v - v.mean()) / v.std()
 
@@ -109,8 +126,8 @@ def test_sounds_are_spectrally_distinct():
         render_sound("Music", rng=np.random.default_rng(0), duration_s=1.0)
 
 
-def test_layout_splits_and_synth_json(synth_tiny):
-    out = synth_tiny
+def test_layout_splits_and_synth_json(synth):
+    out = synth
     gt = _gt(out)
     assert len(gt) == 8 * TINY["videos_per_class"]
     assert [r["video_id"] for r in gt] == sorted({r["video_id"] for r in gt}, key=[r["video_id"] for r in gt].index)
@@ -136,8 +153,8 @@ def test_layout_splits_and_synth_json(synth_tiny):
     assert sorted(map(tuple, meta["visual_pairs"])) == sorted(visual_pairs())
 
 
-def test_ground_truth_matches_real_mp4_content(synth_tiny):
-    out = synth_tiny
+def test_ground_truth_matches_real_mp4_content(synth):
+    out = synth
     gt = {r["video_id"]: r for r in _gt(out)}
     plans = read_plans(out)
     relevant_of = {c.name: c.relevant_sound for c in CLASS_DESIGN}
@@ -163,8 +180,8 @@ def test_ground_truth_matches_real_mp4_content(synth_tiny):
             assert np.corrcoef(ref[:n], audio[:n])[0, 1] > 0.9
 
 
-def test_soundbank_is_multilabel_audioset(synth_tiny):
-    bank = synth_tiny / "soundbank"
+def test_soundbank_is_multilabel_audioset(synth):
+    bank = synth / "soundbank"
     with open(bank / "soundbank.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == TINY["soundbank_clips"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,16 +15,16 @@ def index_cmd(
                                               "(UCF-101, HMDB51, `imdpipe synth` OUT/videos), or the folder "
                                               "Kinetics files <youtube_id>_<start:06d>_<end:06d>.mp4 live under.")],
     cache: CacheOpt,
-    annotations: Annotated[Optional[list[Path]], typer.Option(
+    annotations: Annotated[list[Path] | None, typer.Option(
         "--annotations", help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split); "
                               "repeat for train/validate/test. Splits are taken from the CSV.")] = None,
-    splits: Annotated[Optional[Path], typer.Option(
+    splits: Annotated[Path | None, typer.Option(
         "--splits", help="Folder with UCF-101 trainlist0N/testlist0N.txt (+ classInd.txt) or HMDB51 "
                          "<class>_test_splitN.txt files. Videos they do not use get split 'unused'. "
                          "Without it (and without --annotations) every video gets split 'all'.")] = None,
     split_id: Annotated[int, typer.Option("--split-id", min=1, max=3,
                                           help="Official split number (the paper reports split 1).")] = 1,
-    labels: Annotated[Optional[str], typer.Option(
+    labels: Annotated[str | None, typer.Option(
         "--labels", help="Label order: a built-in set (kinetics400, ucf101, hmdb51) or a text file with "
                          "one class a line. Default: classInd.txt, else the built-in set of the layout, "
                          "else class names sorted.")] = None,

@@ -59,3 +59,7 @@ app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
 from imdpipe.cli.savld import build_savld_cmd  # noqa: E402
 app.command("build-savld")(build_savld_cmd)
+from imdpipe.cli.index import index_cmd  # noqa: E402
+app.command("index")(index_cmd)
+from imdpipe.cli.synth import synth_cmd  # noqa: E402
+app.command("synth")(synth_cmd)

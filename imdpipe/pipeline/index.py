@@ -26,8 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imdpipe.labels import LABEL_SETS, label_set
-from imdpipe.pipeline.manifest import (MANIFEST_NAME, STATUS_ERROR, STATUS_OK, Manifest, VideoRecord,
-                                       manifest_bytes, write_manifest)
+from imdpipe.pipeline.manifest import (
+    MANIFEST_NAME,
+    STATUS_ERROR,
+    STATUS_OK,
+    Manifest,
+    VideoRecord,
+    manifest_bytes,
+    write_manifest,
+)
 
 #: File extensions treated as videos when scanning folders (case-insensitive).
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -450,6 +457,7 @@ def run_index(*, cache: str | Path, root: str | Path, annotations=None, splits: 
 def print_index_summary(manifest: Manifest, summary: IndexSummary, console=None, *, max_errors: int = 10) -> None:
     """The per-split ok/error table and the first error messages."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console(stderr=True)
@@ -460,9 +468,10 @@ def print_index_summary(manifest: Manifest, summary: IndexSummary, console=None,
         table.add_row(split, str(ok), str(err))
     table.add_row("[bold]total", f"[bold]{summary.ok}", f"[bold]{summary.failed}")
     console.print(table)
-    console.print(f"{len(manifest)} videos, {len(manifest.labels)} classes -> {manifest.cache_dir / MANIFEST_NAME}")
+    console.print(f"{len(manifest)} videos, {len(manifest.labels)} classes -> "
+                  f"{escape(str(manifest.cache_dir / MANIFEST_NAME))}", soft_wrap=True)
     for index, vid, message in summary.errors[:max_errors]:
-        console.print(f"[red]error[/red] #{index} {vid}: {message}")
+        console.print(f"[red]error[/red] #{index} {escape(vid)}: {escape(message)}", soft_wrap=True)
     if len(summary.errors) > max_errors:
         console.print(f"... and {len(summary.errors) - max_errors} more (status=error rows of manifest.csv)")
 

@@ -176,7 +176,7 @@ def plan_dataset(*, seed: int = 0, videos_per_class: int = 16, test_fraction: fl
     plans = []
     for label, cls in enumerate(design):
         rng = _rng(seed, 1, label)
-        n_test = int(round(test_fraction * videos_per_class))
+        n_test = round(test_fraction * videos_per_class)
         if videos_per_class >= 2 and test_fraction > 0:
             n_test = min(max(n_test, 1), videos_per_class - 1)
         test_set = set(rng.permutation(videos_per_class)[:n_test].tolist())
@@ -212,7 +212,7 @@ def render_frames(plan: VideoPlan, *, size: tuple[int, int] = (112, 112), durati
                   fps: float = 10) -> np.ndarray:
     """Render a video's frames: uint8 (T, H, W, 3), T = round(duration_s * fps)."""
     h, w = size
-    n = max(1, int(round(duration_s * fps)))
+    n = max(1, round(duration_s * fps))
     rng = _rng(*plan.seed, 0)
     p = plan.visual_params
     motion = VISUAL_FAMILIES[plan.visual].motion
@@ -288,7 +288,7 @@ def _time(n: int, sr: int) -> np.ndarray:
 
 
 def _karplus_strong(freq: float, n: int, sr: int, rng: np.random.Generator, decay: float = 0.996) -> np.ndarray:
-    period = max(2, int(round(sr / freq)))
+    period = max(2, round(sr / freq))
     out = np.zeros(n + period, dtype=np.float64)
     out[:period] = rng.uniform(-1.0, 1.0, period)
     # y[i] = decay * (y[i - P] + y[i - P - 1]) / 2, computed one period-block at a time.
@@ -419,7 +419,7 @@ def render_sound(name: str, *, rng: np.random.Generator, duration_s: float, samp
     """
     if name not in SOUND_GENERATORS:
         raise ValueError(f"unknown synthetic sound {name!r}; known: {', '.join(SOUND_GENERATORS)}")
-    n = max(1, int(round(duration_s * sample_rate)))
+    n = max(1, round(duration_s * sample_rate))
     x = np.asarray(SOUND_GENERATORS[name](n, sample_rate, rng), dtype=np.float64)
     x = x - x.mean()
     fade = min(n // 2, int(0.01 * sample_rate))
@@ -470,7 +470,7 @@ def render_soundbank_clip(labels: list[str], *, seed: int, index: int, duration_
                           sample_rate: int = 16000) -> np.ndarray:
     """One multi-label sound-bank clip: its sounds mixed at random gains (float32 mono)."""
     rng = _rng(seed, 4, index)
-    mix = np.zeros(max(1, int(round(duration_s * sample_rate))), dtype=np.float32)
+    mix = np.zeros(max(1, round(duration_s * sample_rate)), dtype=np.float32)
     for name in labels:
         mix += rng.uniform(0.6, 1.0) * render_sound(name, rng=rng, duration_s=duration_s,
                                                       sample_rate=sample_rate)

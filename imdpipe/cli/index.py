@@ -23,7 +23,7 @@ def index_cmd(
                          "<class>_test_splitN.txt files. Videos they do not use get split 'unused'. "
                          "Without it (and without --annotations) every video gets split 'all'.")] = None,
     split_id: Annotated[int, typer.Option("--split-id", min=1, max=3,
-                                          help="Official split number (the paper reports split 1).")] = 1,
+                                          help="Official split number, 1-3 (the paper trains and evaluates on UCF-101's train/validation splits without naming one; split 1 is the usual choice).")] = 1,
     labels: Annotated[str | None, typer.Option(
         "--labels", help="Label order: a built-in set (kinetics400, ucf101, hmdb51) or a text file with "
                          "one class a line. Default: classInd.txt, else the built-in set of the layout, "

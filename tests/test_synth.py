@@ -227,7 +227,12 @@ def test_determinism_same_seed_same_arrays_other_seed_differs(tmp_path):
     assert (one.out / "soundbank/clip_00000.wav").read_bytes() != (other.out / "soundbank/clip_00000.wav").read_bytes()
     fa, _ = _decode(one.out / "videos/yoga/yoga_000.mp4")
     fb, _ = _decode(two.out / "videos/yoga/yoga_000.mp4")
-    assert np.abs(fa.astype(int) - fb).mean() < 1.0  # x264 threads may differ in a few blocks
+    fc, _ = _decode(other.out / "videos/yoga/yoga_000.mp4")
+    # The rendered arrays are identical (above); x264 in a pool worker may take other rate-control
+    # decisions on these noisy frames, so the decoded pixels agree to a few grey levels only, far
+    # closer than another seed's draw.
+    same, different = np.abs(fa.astype(int) - fb).mean(), np.abs(fa.astype(int) - fc).mean()
+    assert same < 5.0 and different > 5 * same
 
 
 def test_refuses_to_overwrite_and_validates(tmp_path):

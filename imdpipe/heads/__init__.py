@@ -7,25 +7,28 @@ Pure model code: no I/O, no CLI, no device choice. Entry points::
     logits, rev = model(rgb, flow, audio)
 """
 
-from .audio import AudioBottleneck
-from .fusion import (
-    FUSION_LAYERS,
-    IMDFusion,
-    IrrelevantModalityDropout,
-    RelevanceNetwork,
-    irrelevant_modality_dropout,
-)
-from .model import FUSIONS, MODALITIES, SIZES, ModelConfig, MultimodalActionModel, build_model
-from .visual import (
-    FactorizedBlock,
-    SpatialBlock,
-    TwoStreamTransformer,
-    VisualConfig,
-    VisualTransformer,
-    build_two_stream,
-    load_vit_checkpoint,
-    visual_config,
-)
+from .names import FUSIONS, MODALITIES, SIZES
+
+# Everything else pulls in torch and timm, so it is imported on first use: `imdpipe --help` and
+# the config code only need the names above.
+_LAZY = {
+    "AudioBottleneck": "audio",
+    "FUSION_LAYERS": "fusion", "IMDFusion": "fusion", "IrrelevantModalityDropout": "fusion",
+    "RelevanceNetwork": "fusion", "irrelevant_modality_dropout": "fusion",
+    "ModelConfig": "model", "MultimodalActionModel": "model", "build_model": "model",
+    "FactorizedBlock": "visual", "SpatialBlock": "visual", "TwoStreamTransformer": "visual",
+    "VisualConfig": "visual", "VisualTransformer": "visual", "build_two_stream": "visual",
+    "load_vit_checkpoint": "visual", "visual_config": "visual",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FUSIONS",

@@ -34,9 +34,9 @@ from .visual import FLOW_SCALE, VISUAL_SIZES, TwoStreamTransformer, VisualConfig
 
 __all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
 
-FUSIONS = ("imd", "late-concat", "gmu", "se-gate", "nl-gate", "avc", "none", "audio-only")
-SIZES = tuple(VISUAL_SIZES)  # ("tiny", "small", "base", "large")
-MODALITIES = ("rgb", "flow", "audio")
+from .names import FUSIONS, MODALITIES, SIZES  # noqa: E402  (torch-free, for the CLI)
+
+assert SIZES == tuple(VISUAL_SIZES), "heads/names.py SIZES must list visual.VISUAL_SIZES"
 VISUAL_MODALITIES = ("rgb", "flow")
 
 

@@ -35,6 +35,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, audio: np.ndarra
         vstream = container.add_stream("libx264", rate=rate)
         vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
         vstream.options = {"crf": str(crf), "preset": "veryfast"}
+        # one x264 thread: the same frames give the same bytes whatever the machine or pool size
+        vstream.codec_context.thread_count = 1
         astream = None
         if audio is not None:
             audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))

@@ -8,15 +8,17 @@ Entry points (keyword-only, usable without the CLI)::
 """
 
 from imdpipe.train.config import FIELD_HELP, TrainConfig, load_config, save_config
-from imdpipe.train.evaluate import evaluate, mann_whitney_auc
-from imdpipe.train.loop import train
 
 __all__ = ["FIELD_HELP", "TrainConfig", "evaluate", "load_config", "mann_whitney_auc", "predict", "save_config",
            "train"]
 
+# The loops pull in torch, the model and the stages: imported on first use, so the CLI starts fast.
+_LAZY = {"train": "loop", "evaluate": "evaluate", "mann_whitney_auc": "evaluate", "predict": "predict"}
 
-def predict(*args, **kwargs):
-    """See :func:`imdpipe.train.predict.predict` (imported lazily: it pulls the video and audio stages)."""
-    from imdpipe.train.predict import predict as _predict
 
-    return _predict(*args, **kwargs)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"imdpipe.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

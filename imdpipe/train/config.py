@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from imdpipe.heads import FUSIONS, SIZES
+from imdpipe.heads.names import FUSIONS, SIZES
 
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

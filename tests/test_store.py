@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from imdpipe.pipeline.store import (ArraySpec, Partition, SettingsMismatch, StageStore, partition_shards,
-                                    run_stage)
+from imdpipe.pipeline.store import ArraySpec, Partition, SettingsMismatch, StageStore, partition_shards, run_stage
 
 SPECS = [ArraySpec("x", (3, 2), "float32", ("t", "c")), ArraySpec("n", (), "int32", ())]
 

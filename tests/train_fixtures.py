@@ -44,7 +44,8 @@ def make_cache(root: Path, *, classes: int = 3, train_per_class: int = 8, test_p
             for k in range(per):
                 i = len(records)
                 n_frames = 40
-                records.append(VideoRecord(index=i, video_id=f"{split}_{c}_{k}", path=f"videos/{labels[c]}/{split}_{c}_{k}.mp4",
+                records.append(VideoRecord(index=i, video_id=f"{split}_{c}_{k}",
+                                           path=f"videos/{labels[c]}/{split}_{c}_{k}.mp4",
                                            label=c, label_name=labels[c], split=split, duration_s=n_frames / fps,
                                            fps=fps, n_frames=n_frames, width=W, height=H, has_audio=True))
                 relevant.append(bool(rng.random() < 0.6))

@@ -23,7 +23,9 @@ def index_cmd(
                          "<class>_test_splitN.txt files. Videos they do not use get split 'unused'. "
                          "Without it (and without --annotations) every video gets split 'all'.")] = None,
     split_id: Annotated[int, typer.Option("--split-id", min=1, max=3,
-                                          help="Official split number, 1-3 (the paper trains and evaluates on UCF-101's train/validation splits without naming one; split 1 is the usual choice).")] = 1,
+                                          help="Official split number, 1-3 (the paper trains and evaluates on "
+                                               "UCF-101's train/validation splits without naming one; split 1 is "
+                                               "the usual choice).")] = 1,
     labels: Annotated[str | None, typer.Option(
         "--labels", help="Label order: a built-in set (kinetics400, ucf101, hmdb51) or a text file with "
                          "one class a line. Default: classInd.txt, else the built-in set of the layout, "
@@ -37,7 +39,8 @@ def index_cmd(
 ):
     """Probe every video with PyAV and write manifest.csv + labels.txt into --cache.
 
-    Unreadable videos (empty, truncated, not a video) get status=error with a message; the run goes on. Duplicate video ids are refused.
+    Unreadable videos (empty, truncated, not a video) get status=error with a message; the run goes on.
+    Duplicate video ids are refused.
     """
     from rich.console import Console
 

@@ -46,20 +46,27 @@ def labels_cmd(name: Annotated[str, typer.Argument(help="kinetics400, ucf101, hm
 # Command registrations: one pair per module in imdpipe/cli/.
 
 from imdpipe.cli.model_info import model_info_cmd  # noqa: E402
+
 app.command("model-info")(model_info_cmd)
 from imdpipe.cli.flow import extract_flow_cmd  # noqa: E402
+
 app.command("extract-flow")(extract_flow_cmd)
 from imdpipe.cli.audio import export_cmd, extract_audio_cmd, train_tagger_cmd  # noqa: E402
+
 app.command("extract-audio")(extract_audio_cmd)
 app.command("export")(export_cmd)
 app.command("train-tagger")(train_tagger_cmd)
 from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E402
+
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
 from imdpipe.cli.savld import build_savld_cmd  # noqa: E402
+
 app.command("build-savld")(build_savld_cmd)
 from imdpipe.cli.index import index_cmd  # noqa: E402
+
 app.command("index")(index_cmd)
 from imdpipe.cli.synth import synth_cmd  # noqa: E402
+
 app.command("synth")(synth_cmd)

@@ -39,7 +39,8 @@ def synth_cmd(
 ):
     """Write a synthetic audio-visual action dataset shaped like the IMD problem.
 
-    Labels are visual; two pairs of classes share their visuals and differ only by their relevant sound; other videos carry irrelevant sounds or no audio track.
+    Labels are visual; two pairs of classes share their visuals and differ only by their relevant sound;
+    other videos carry irrelevant sounds or no audio track.
 
     Index it with: imdpipe index OUT/videos --splits OUT/splits --cache CACHE
     """

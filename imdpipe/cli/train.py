@@ -126,7 +126,8 @@ def train_cmd(
 
 
 def evaluate_cmd(
-    run: Annotated[Path, typer.Option("--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
+    run: Annotated[Path, typer.Option(
+        "--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
     cache: CacheOpt,
     split: Annotated[str, typer.Option("--split", help="Manifest split to score.")] = "test",
     crops: Annotated[int, typer.Option("--crops", min=1, help="Spatial crops per clip: left/centre/right of the "
@@ -160,14 +161,16 @@ def evaluate_cmd(
 
 def predict_cmd(
     videos: Annotated[list[Path], typer.Argument(help="Video files to classify.")],
-    run: Annotated[Path, typer.Option("--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
+    run: Annotated[Path, typer.Option(
+        "--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     clips: Annotated[int, typer.Option("--clips", min=1, help="Temporal clips per video (paper: 4).")] = 4,
     crops: Annotated[int, typer.Option("--crops", min=1, help="Spatial crops per clip (paper: 3).")] = 3,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes printed per video.")] = 5,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: the run's).")] = None,
     flow_weights: Annotated[Optional[Path], typer.Option(
-        "--flow-weights", help="RAFT state_dict file, when the run's frames.zarr was built by RAFT from a file.")] = None,
+        "--flow-weights",
+        help="RAFT state_dict file, when the run's frames.zarr was built by RAFT from a file.")] = None,
 ):
     """Classify raw videos: frames, flow and AST embedding with the settings the run's caches recorded,
     then the model; prints the top classes, rev and whether the audio was used."""

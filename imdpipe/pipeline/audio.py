@@ -454,8 +454,8 @@ def _produce(*, paths, net, fe, windows, batch_size, workers, device, dtype):
             key = {idx: item for idx, item in queue}
             x = torch.stack([key[i]["inputs"][w] for i, w in batch])
             emb, logits = forward_windows(net, x, device=device, dtype=dtype)
-            for (i, w), e, l in zip(batch, emb, logits):
-                results[i][0][w], results[i][1][w] = e, l
+            for (i, w), e, lg in zip(batch, emb, logits):
+                results[i][0][w], results[i][1][w] = e, lg
 
         def ready():
             waiting = {i for i, _ in todo}

@@ -57,7 +57,8 @@ DIS_PRESETS: dict[str, dict[str, int]] = {
 }
 DEFAULT_DIS_PRESET = "balanced"
 # mmaction2's tools/misc/flow_extraction.py: calcOpticalFlowFarneback(prev, next, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-FARNEBACK_PARAMS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0}
+FARNEBACK_PARAMS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
+                    "flags": 0}
 RAFT_VARIANTS = ("large", "small")
 RAFT_MIN_SIZE = 128
 
@@ -509,7 +510,7 @@ def cpu_producer(settings: FlowSettings, paths: Sequence[str], *, workers: int):
                             yield fut.result()
                 except BrokenProcessPool:
                     # A worker died (e.g. a decoder crash): blame the videos in flight, go on.
-                    for fut, i in running.items():
+                    for i in running.values():
                         yield i, VideoError(f"{paths[i]}: the worker process died while decoding it")
     return produce
 

@@ -68,7 +68,8 @@ class TaggerSettings:
     seed: int = 0  #: seeds the split, the init and the crops
 
     def __post_init__(self):
-        checks = {"epochs": self.epochs >= 1, "hidden_size": self.hidden_size >= 8 and self.hidden_size % self.heads == 0,
+        checks = {"epochs": self.epochs >= 1,
+                  "hidden_size": self.hidden_size >= 8 and self.hidden_size % self.heads == 0,
                   "layers": self.layers >= 1, "heads": self.heads >= 1, "patch_stride": 1 <= self.patch_stride <= 16,
                   "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "val_fraction": 0.0 <= self.val_fraction < 1.0,

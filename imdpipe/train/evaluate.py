@@ -177,7 +177,8 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     tmp = metrics_path.with_name(metrics_path.name + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     tmp.replace(metrics_path)
-    plot_confusion(confusion, labels, out_dir / f"confusion{suffix}.png", title=f"{split}: top-1 {metrics['top1']:.1f}%")
+    plot_confusion(confusion, labels, out_dir / f"confusion{suffix}.png",
+                   title=f"{split}: top-1 {metrics['top1']:.1f}%")
     metrics["metrics_path"] = str(metrics_path)
     _print(metrics, console)
     return metrics

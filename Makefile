@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+demo: setup
+	$(VENV)/bin/imdpipe demo --out demo --seed 0
+
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
@@ -43,6 +46,8 @@ SPLIT ?= 1
 AUDIO_MODEL ?= MIT/ast-finetuned-audioset-10-10-0.4593
 TEXT_MODEL ?=
 INIT ?=
+K400_ANNOTATIONS ?= $(DATA)/annotations/train.csv $(DATA)/annotations/validate.csv
+K400_EVAL_SPLIT ?= val
 IMDPIPE := $(VENV)/bin/imdpipe
 ifeq ($(GPUS),1)
 TRAIN := $(IMDPIPE) train
@@ -66,14 +71,14 @@ _stages:
 	$(TRAIN) --cache $(CACHE) --out $(RUN) $(PAPER_TRAIN)
 	$(IMDPIPE) evaluate --run $(RUN) --cache $(CACHE) --split $(EVAL_SPLIT)
 
-k400: setup _check_paths  ## DATA=dir with <split>/ videos and annotations/{train,validate}.csv
-	$(IMDPIPE) index --cache $(CACHE) --root $(DATA) --annotations $(DATA)/annotations --labels kinetics400
-	$(MAKE) --no-print-directory _stages EVAL_SPLIT=val
+k400: setup _check_paths  ## DATA=videos under DATA (any depth) + K400_ANNOTATIONS csv files
+	$(IMDPIPE) index $(DATA) --cache $(CACHE) $(foreach a,$(K400_ANNOTATIONS),--annotations $(a)) --labels kinetics400
+	$(MAKE) --no-print-directory _stages EVAL_SPLIT=$(K400_EVAL_SPLIT)
 
 ucf101: setup _check_paths  ## DATA=UCF-101 root with class folders, plus $(DATA)/ucfTrainTestlist
-	$(IMDPIPE) index --cache $(CACHE) --root $(DATA) --splits $(DATA)/ucfTrainTestlist --split-id $(SPLIT) --labels ucf101
+	$(IMDPIPE) index $(DATA) --cache $(CACHE) --splits $(DATA)/ucfTrainTestlist --split-id $(SPLIT) --labels ucf101
 	$(MAKE) --no-print-directory _stages EVAL_SPLIT=test
 
 hmdb51: setup _check_paths  ## DATA=HMDB51 root with class folders, plus $(DATA)/testTrainMulti_7030_splits
-	$(IMDPIPE) index --cache $(CACHE) --root $(DATA) --splits $(DATA)/testTrainMulti_7030_splits --split-id $(SPLIT) --labels hmdb51
+	$(IMDPIPE) index $(DATA) --cache $(CACHE) --splits $(DATA)/testTrainMulti_7030_splits --split-id $(SPLIT) --labels hmdb51
 	$(MAKE) --no-print-directory _stages EVAL_SPLIT=test

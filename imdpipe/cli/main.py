@@ -7,6 +7,14 @@ from typing import Annotated
 import typer
 
 from imdpipe import __version__
+from imdpipe.cli.audio import export_cmd, extract_audio_cmd, train_tagger_cmd
+from imdpipe.cli.demo import demo_cmd
+from imdpipe.cli.flow import extract_flow_cmd
+from imdpipe.cli.index import index_cmd
+from imdpipe.cli.model_info import model_info_cmd
+from imdpipe.cli.savld import build_savld_cmd
+from imdpipe.cli.synth import synth_cmd
+from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd
 
 app = typer.Typer(
     name="imdpipe",
@@ -31,7 +39,6 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """imdpipe command line."""
 
 
-@app.command("labels")
 def labels_cmd(name: Annotated[str, typer.Argument(help="kinetics400, ucf101, hmdb51 or audioset.")]):
     """Print a built-in label set, one label a line, in label order (AudioSet: display names)."""
     from imdpipe.labels import label_set
@@ -43,30 +50,17 @@ def labels_cmd(name: Annotated[str, typer.Argument(help="kinetics400, ucf101, hm
     typer.echo("\n".join(names))
 
 
-# Command registrations: one pair per module in imdpipe/cli/.
-
-from imdpipe.cli.model_info import model_info_cmd  # noqa: E402
-
-app.command("model-info")(model_info_cmd)
-from imdpipe.cli.flow import extract_flow_cmd  # noqa: E402
-
+# Command registrations, in the order a user runs them (and `imdpipe --help` lists them).
+app.command("demo")(demo_cmd)
+app.command("synth")(synth_cmd)
+app.command("index")(index_cmd)
 app.command("extract-flow")(extract_flow_cmd)
-from imdpipe.cli.audio import export_cmd, extract_audio_cmd, train_tagger_cmd  # noqa: E402
-
-app.command("extract-audio")(extract_audio_cmd)
-app.command("export")(export_cmd)
 app.command("train-tagger")(train_tagger_cmd)
-from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E402
-
+app.command("extract-audio")(extract_audio_cmd)
+app.command("build-savld")(build_savld_cmd)
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
-from imdpipe.cli.savld import build_savld_cmd  # noqa: E402
-
-app.command("build-savld")(build_savld_cmd)
-from imdpipe.cli.index import index_cmd  # noqa: E402
-
-app.command("index")(index_cmd)
-from imdpipe.cli.synth import synth_cmd  # noqa: E402
-
-app.command("synth")(synth_cmd)
+app.command("model-info")(model_info_cmd)
+app.command("export")(export_cmd)
+app.command("labels")(labels_cmd)

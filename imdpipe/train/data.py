@@ -435,6 +435,17 @@ class ClipDataset(Dataset):
             self._arrays[name] = arr
         return arr
 
+    def _small(self, name: str) -> np.ndarray:
+        """A small per-video array (a few numbers per video) read whole, once per process.
+
+        Each zarr read costs milliseconds of overhead whatever its size, so the flags, window
+        starts, targets and frame indices are read once instead of once per clip.
+        """
+        key = "small:" + name
+        if self._pid != os.getpid() or key not in self._arrays:
+            self._arrays[key] = np.asarray(self._array(name)[:])
+        return self._arrays[key]
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_arrays"], state["_pid"] = {}, None  # handles never cross a process boundary
@@ -443,11 +454,11 @@ class ClipDataset(Dataset):
     # -- audio ---------------------------------------------------------------------------------
     def _audio(self, index: int, t: float) -> tuple[np.ndarray, bool, float, int]:
         """Embedding, has_audio, relevance target and window of the window nearest time ``t``."""
-        starts = np.asarray(self._array(f"{AUDIO_STORE}/window_start_s")[index])
+        starts = self._small(f"{AUDIO_STORE}/window_start_s")[index]
         w = nearest_window(starts, self.window_s, t)
         emb = np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index, w], dtype=np.float32)
-        has = bool(self._array(f"{AUDIO_STORE}/has_audio")[index])
-        target = float(self._array(f"{RELEVANCE_STORE}/target")[index, w]) if self.relevance else float("nan")
+        has = bool(self._small(f"{AUDIO_STORE}/has_audio")[index])
+        target = float(self._small(f"{RELEVANCE_STORE}/target")[index, w]) if self.relevance else float("nan")
         return emb, has, target, w
 
     # -- items ---------------------------------------------------------------------------------
@@ -474,7 +485,7 @@ class ClipDataset(Dataset):
         if "flow" in self.modalities:
             out["flow"], out["flow_scale"] = crop_flow(self._read("flow", index, positions, box), self.crop_size, flip)
         if self.read_audio:
-            t = clip_centre_time(self._array(f"{FRAMES_STORE}/frame_index")[index], positions, self.fps[index])
+            t = clip_centre_time(self._small(f"{FRAMES_STORE}/frame_index")[index], positions, self.fps[index])
             donor = index
             if swap:
                 pool = [j for j in self.class_pool[self.labels[index]] if j != index]
@@ -486,14 +497,14 @@ class ClipDataset(Dataset):
 
     def _eval_item(self, index: int) -> dict:
         frames = {key: self._array(f"{FRAMES_STORE}/{key}")[index] for key in ("rgb", "flow") if key in self.modalities}
-        fi = np.asarray(self._array(f"{FRAMES_STORE}/frame_index")[index])
+        fi = np.asarray(self._small(f"{FRAMES_STORE}/frame_index")[index])
         audio = None
         if self.read_audio:
             audio = {"embedding": np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index], dtype=np.float32),
-                     "window_start_s": np.asarray(self._array(f"{AUDIO_STORE}/window_start_s")[index]),
-                     "has_audio": bool(self._array(f"{AUDIO_STORE}/has_audio")[index])}
+                     "window_start_s": self._small(f"{AUDIO_STORE}/window_start_s")[index],
+                     "has_audio": bool(self._small(f"{AUDIO_STORE}/has_audio")[index])}
             if self.relevance:
-                audio["target"] = np.asarray(self._array(f"{RELEVANCE_STORE}/target")[index], dtype=np.float32)
+                audio["target"] = np.asarray(self._small(f"{RELEVANCE_STORE}/target")[index], dtype=np.float32)
         out = eval_views(rgb=frames.get("rgb"), flow=frames.get("flow"), frame_index=fi, fps=self.fps[index],
                          audio=audio, num_frames=self.num_frames, frame_stride=self.frame_stride,
                          crop_size=self.crop_size, clips=self.clips, crops=self.crops, flow_bound=self.flow_bound,

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=6, help="10 s clips to process (default 6)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of the stage (default: the stage's own, 0 on CPU)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="stage/bare dtypes to measure")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                                             for p in paths]))
         print(f"AST-base (random weights, {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params), "
               f"{args.clips} clips of 10 s, batch {args.batch_size}, device {device}, "
-              f"{torch.get_num_threads()} threads, {args.workers} worker(s)")
+              f"{torch.get_num_threads()} threads, {'default' if args.workers is None else args.workers} worker(s)")
         # Shared machines are noisy: interleave the three measurements and keep each one's best.
         best: dict[tuple[str, str], float] = {}
         for dtype in dtypes:

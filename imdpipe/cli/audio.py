@@ -14,7 +14,6 @@ from imdpipe.cli.options import (
     ShardOpt,
     StrictOpt,
     VideosPerShardOpt,
-    WorkersOpt,
     exit_for,
 )
 
@@ -31,7 +30,9 @@ def extract_audio_cmd(
             "Windows of max_length frames (10.24 s for AudioSet ASTs) per video. 1 (paper) = one window "
             "centred on the video; W > 1 spreads W windows evenly over a longer video."))] = 1,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per model forward.")] = 8,
-        workers: WorkersOpt = 1,
+        workers: Annotated[int | None, typer.Option("--workers", min=0, help=(
+            "DataLoader worker processes decoding audio and computing fbanks (0 = inline). Default: 0 on "
+            "CPU (a worker competes with the model for the cores), up to 4 on CUDA."))] = None,
         dtype: Annotated[str | None, typer.Option("--dtype", help=(
             "float32 or bfloat16 (autocast). Default: bfloat16 on CUDA, float32 on CPU. Recorded in "
             "the store; a store built with another dtype is refused."))] = None,

@@ -138,7 +138,8 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
             m = evaluate(run=run, cache=cache, split="test", ground_truth=gt, checkpoint="last",
                          console=console, show_progress=show_progress)
         rows.append({"method": name, "top1": m["top1"], "top5": m["top5"],
-                     "audio_dropped": _overall_dropped(m), "relevance_auc": m.get("relevance_auc"),
+                     "audio_dropped": (m["audio_dropped"] or {}).get("overall"),
+                     "relevance_auc": m["relevance_auc"],
                      "run": str(run)})
 
     results = [{k: r[k] for k in ("method", "top1", "top5", "audio_dropped", "relevance_auc")} for r in rows]
@@ -156,13 +157,6 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def _overall_dropped(metrics: dict):
-    dropped = metrics.get("audio_dropped")
-    if isinstance(dropped, dict):
-        return dropped.get("overall")
-    return dropped
 
 
 def format_table(results: list[dict]):

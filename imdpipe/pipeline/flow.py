@@ -15,9 +15,11 @@ the trainer takes its clips and the 4x3 test views from these ``T`` positions.
 
 Backends: OpenCV DIS (default on CPU, presets below), Farneback, TV-L1 (opencv-contrib only) and
 torchvision RAFT (default on CUDA when weights are available; runs on CPU too, never by default).
-CPU backends run whole videos in a process pool; RAFT decodes in DataLoader workers and batches
-frame pairs from several videos on the device. Workers never open the store: the main process
-writes whole shards through :func:`imdpipe.pipeline.store.run_stage`.
+CPU backends run whole shards in a process pool: a worker computes every pending video of its
+shard and stores their data itself (:func:`extract_shard`), so frames never cross a process
+boundary; the main process writes the done/error flags after it. RAFT decodes in DataLoader
+workers, batches frame pairs from several videos on the device and the main process writes whole
+shards, both through :func:`imdpipe.pipeline.store.run_stage`.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ DEFAULT_CPU_BACKEND = "dis"
 
 # DIS parameters per preset: (finest_scale, patch_size, patch_stride, gradient_descent_iterations,
 # variational_refinement_iterations). ultrafast/fast/medium are OpenCV's presets; "balanced" is
-# ours: medium's accuracy on sub-pixel motion at ~2.5x its speed (stride 6 instead of 3, 8
-# gradient-descent and 3 refinement iterations), measured in benchmarks/bench_flow.py. It is the
-# default because it beats Farneback's EPE while keeping >= 300 pairs/s on 2 cores.
+# ours: medium's EPE on the known-motion clips of benchmarks/bench_flow.py at ~2.5x its speed
+# (stride 6 instead of 3, 8 gradient-descent iterations, 1 refinement iteration: 3 refinement
+# iterations cost 30% more time for no EPE gain in a grid over these five parameters). It is the
+# default: within ~5% of Farneback's EPE on H.264 clips at 1/5 of its time. No DIS setting faster
+# than Farneback reached Farneback's EPE on those clips (see the README's flow benchmark).
 DIS_PRESETS: dict[str, dict[str, int]] = {
     "ultrafast": {"finest_scale": 2, "patch_size": 8, "patch_stride": 4, "gd_iters": 12, "vr_iters": 0},
     "fast": {"finest_scale": 2, "patch_size": 8, "patch_stride": 4, "gd_iters": 16, "vr_iters": 5},
-    "balanced": {"finest_scale": 1, "patch_size": 8, "patch_stride": 6, "gd_iters": 8, "vr_iters": 3},
+    "balanced": {"finest_scale": 1, "patch_size": 8, "patch_stride": 6, "gd_iters": 8, "vr_iters": 1},
     "medium": {"finest_scale": 1, "patch_size": 8, "patch_stride": 3, "gd_iters": 25, "vr_iters": 5},
 }
 DEFAULT_DIS_PRESET = "balanced"
@@ -428,9 +432,10 @@ def raft_flow(model, first: np.ndarray, second: np.ndarray, *, iters: int = 12, 
 # ---------------------------------------------------------------------------------------------
 # One video
 # ---------------------------------------------------------------------------------------------
-def _assemble(video: DecodedVideo, pair_flows: dict[tuple[int, int], np.ndarray], settings: FlowSettings) -> dict:
-    flows = np.stack([pair_flows[flow_pair(int(p), video.n_frames)] for p in video.frame_index])
-    return {"rgb": video.rgb, "flow": quantize(flows, settings.bound),
+def _assemble(video: DecodedVideo, pair_codes: dict[tuple[int, int], np.ndarray]) -> dict:
+    """The store row of one video from its quantized flow per (from, to) pair."""
+    flows = np.stack([pair_codes[flow_pair(int(p), video.n_frames)] for p in video.frame_index])
+    return {"rgb": video.rgb, "flow": flows,
             "frame_index": video.frame_index.astype(np.int32), "n_frames": np.int32(video.n_frames),
             "repeated": np.bool_(len(np.unique(video.frame_index)) < len(video.frame_index))}
 
@@ -443,12 +448,13 @@ def flow_for_video(video: DecodedVideo, settings: FlowSettings, *, device="cpu",
             raise ValueError("backend raft needs raft_model (see build_raft)")
         fl = raft_flow(raft_model, np.stack([video.images[a] for a, _ in pairs]),
                        np.stack([video.images[b] for _, b in pairs]), iters=settings.raft_iters, device=device)
-        pair_flows = dict(zip(pairs, fl))
+        pair_codes = dict(zip(pairs, quantize(fl, settings.bound)))
     else:
         fn = _cpu_flow_fn(settings)
         gray = {i: _gray(im) for i, im in video.images.items()}
-        pair_flows = {(a, b): fn(gray[a], gray[b]) for a, b in pairs}
-    return _assemble(video, pair_flows, settings)
+        # quantized pair by pair while the float flow is still in cache
+        pair_codes = {(a, b): quantize(fn(gray[a], gray[b]), settings.bound) for a, b in pairs}
+    return _assemble(video, pair_codes)
 
 
 def extract_video(path: str | Path, settings: FlowSettings, *, device="cpu", raft_model=None,
@@ -480,38 +486,94 @@ def _worker_extract(index: int, path: str, settings: FlowSettings):
         return index, VideoError(f"{path}: {type(e).__name__}: {e}")
 
 
+def extract_shard(store_path: str, start: int, stop: int, indices: Sequence[int], paths: Sequence[str],
+                  settings: FlowSettings) -> dict[int, Any]:
+    """Compute the pending videos ``indices`` of shard ``[start, stop)`` and store their data.
+
+    Runs in a pool worker that owns the whole shard, so the frames never cross a process
+    boundary (pickling them through a pipe cost ~1.6 ms of CPU per pair, a quarter of the 2-core
+    budget). Returns ``{index: WRITTEN or VideoError}``; the caller writes the done/error flags.
+    """
+    from imdpipe.pipeline.store import WRITTEN, StageStore
+
+    rows, out = {}, {}
+    for i, path in zip(indices, paths):
+        _, result = _worker_extract(i, path, settings)
+        if isinstance(result, BaseException):
+            out[i] = result
+        else:
+            rows[i], out[i] = result, WRITTEN
+    StageStore.open_existing(store_path, mode="r+").write_rows(start, stop, rows)
+    return out
+
+
 def _mp_context():
     methods = mp.get_all_start_methods()
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def cpu_producer(settings: FlowSettings, paths: Sequence[str], *, workers: int):
-    """A run_stage producer computing whole videos on CPU, in a process pool when workers > 0."""
+def cpu_producer(settings: FlowSettings, paths: Sequence[str], *, workers: int, store_path: str | Path,
+                 videos_per_shard: int, task=extract_shard):
+    """A run_stage producer for CPU backends: a pool worker computes and stores one whole shard.
+
+    ``workers == 0`` runs the shards in this process. If a worker dies (a decoder crash), the
+    videos of the shards it had in flight are rerun one at a time, each alone in a fresh
+    process, so only a video that kills its process is blamed. ``task`` is
+    :func:`extract_shard` (tests pass a wrapper).
+    """
+    store_path = str(store_path)
+
+    def shard_tasks(pending: list[int]) -> list[tuple[int, int, list[int]]]:
+        by_shard: dict[int, list[int]] = {}
+        for i in pending:
+            by_shard.setdefault(i - i % videos_per_shard, []).append(i)
+        return [(s, min(s + videos_per_shard, len(paths)), idx) for s, idx in by_shard.items()]
+
+    def submit(pool, start, stop, idx):
+        return pool.submit(task, store_path, start, stop, idx, [paths[i] for i in idx], settings)
+
+    def one_at_a_time(suspects):
+        pool = None
+        try:
+            for start, stop, idx in suspects:
+                for i in idx:
+                    pool = pool or ProcessPoolExecutor(1, mp_context=_mp_context(), initializer=_init_worker)
+                    try:
+                        yield from submit(pool, start, stop, [i]).result().items()
+                    except BrokenProcessPool:
+                        pool.shutdown()
+                        pool = None
+                        yield i, VideoError(f"{paths[i]}: the worker process died while decoding it (a decoder "
+                                            f"crash?). Re-encode the file or remove it from the manifest.")
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     def produce(pending: list[int]) -> Iterator[tuple[int, Any]]:
+        todo = list(reversed(shard_tasks(pending)))
         if workers == 0:
             _init_worker()
-            for i in pending:
-                yield _worker_extract(i, paths[i], settings)
+            for start, stop, idx in reversed(todo):
+                yield from task(store_path, start, stop, idx, [paths[i] for i in idx], settings).items()
             return
-        todo = list(reversed(pending))
         while todo:
+            suspects: list = []
             with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
                                      initializer=_init_worker) as pool:
                 running: dict = {}
                 try:
                     while todo or running:
-                        while todo and len(running) < 2 * workers + 1:
-                            i = todo.pop()
-                            running[pool.submit(_worker_extract, i, paths[i], settings)] = i
+                        while todo and len(running) < workers + 1:
+                            shard = todo.pop()
+                            running[submit(pool, *shard)] = shard
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
                         for fut in finished:
-                            i = running.pop(fut)
-                            yield fut.result()
+                            result = fut.result()
+                            del running[fut]
+                            yield from result.items()
                 except BrokenProcessPool:
-                    # A worker died (e.g. a decoder crash): blame the videos in flight, go on.
-                    for i in running.values():
-                        yield i, VideoError(f"{paths[i]}: the worker process died while decoding it")
+                    suspects = list(running.values())
+            yield from one_at_a_time(suspects)
     return produce
 
 
@@ -564,13 +626,13 @@ def raft_producer(settings: FlowSettings, paths: Sequence[str], *, model, device
             first = np.stack([videos[i].images[p[0]] for i, p in items])
             second = np.stack([videos[i].images[p[1]] for i, p in items])
             out = raft_flow(model, first, second, iters=settings.raft_iters, device=device)
-            for (i, p), f in zip(items, out):
+            for (i, p), f in zip(items, quantize(out, settings.bound)):
                 flows[i][p] = f
 
         def finished():
             for i in [i for i in videos if len(flows[i]) == len(videos[i].pairs)]:
                 video = videos.pop(i)
-                yield i, _assemble(video, flows.pop(i), settings)
+                yield i, _assemble(video, flows.pop(i))
 
         for i, item in loader:
             if isinstance(item, BaseException):
@@ -722,7 +784,8 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         produce = raft_producer(settings, paths, model=model, device=device, workers=workers,
                                 batch_size=batch_size)
     else:
-        produce = cpu_producer(settings, paths, workers=workers)
+        produce = cpu_producer(settings, paths, workers=workers, store_path=store.path,
+                               videos_per_shard=store.videos_per_shard)
     summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=paths, part=part,
                         description=f"flow [{settings.describe()}]", console=console,
                         show_progress=show_progress)
@@ -741,6 +804,7 @@ __all__ = [
     "build_raft",
     "decode_video_frames",
     "extract_flow",
+    "extract_shard",
     "extract_video",
     "flow_for_video",
     "flow_pair",

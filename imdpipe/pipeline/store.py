@@ -12,7 +12,9 @@ Rules, learned the hard way (see ../shared/FIELD_NOTES.md "Storage facts"):
 
 * Two writers touching chunks of the same shard lose data, so the unit of work handed to a
   writer is a whole shard (:func:`partition_shards`), and a process writes a shard in one
-  ``__setitem__`` once every pending video in it has been computed (:func:`run_stage`).
+  ``__setitem__`` once every pending video in it has been computed (:func:`run_stage`). A pool
+  worker that owns a whole shard may write its data itself (:meth:`StageStore.write_rows`, then
+  :data:`WRITTEN`); the flags are still written by the process running :func:`run_stage`.
 * Data first, then ``error``, then ``done``: a kill between the two leaves ``done`` False and
   the video is recomputed on the next run.
 * Opening an existing store with different settings is refused with the differing keys named;
@@ -294,30 +296,44 @@ class StageStore:
         return [(s, min(s + k, n)) for s in range(0, n, k)]
 
     # -- writing ------------------------------------------------------------------------------
-    def write_block(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]],
-                    errors: dict[int, str]) -> None:
-        """Write the results of videos in one shard ``[start, stop)`` in a single pass.
+    def write_rows(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]]) -> None:
+        """Write the data (not the flags) of videos in one shard ``[start, stop)``, one pass per array.
 
-        ``rows`` maps index -> {array name: value}; ``errors`` maps index -> message. Rows not
-        given keep their stored content. Data first, then errors, then done flags.
+        ``rows`` maps index -> {array name: value}; videos not given keep their stored content.
+        Only the owner of the whole shard may call this (a run_stage process or its pool worker).
         """
         idx = sorted(rows)
-        if any(not start <= i < stop for i in [*idx, *errors]):
+        if any(not start <= i < stop for i in idx):
+            raise ValueError(f"write_rows({start}, {stop}) got indices outside the shard")
+        if not idx:
+            return
+        for name in rows[idx[0]]:
+            # Every chunk of a block holds a video's result, so skip zarr's per-chunk "all equal to
+            # the fill value?" scan: it took 2/3 of the write time of frames.zarr (3x faster).
+            arr = self.group[name].with_config({"write_empty_chunks": True})
+            if len(idx) == stop - start:
+                block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in range(start, stop)])
+            else:
+                block = np.asarray(arr[start:stop])
+                for i in idx:
+                    block[i - start] = rows[i][name]
+            arr[start:stop] = block
+
+    def write_block(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]],
+                    errors: dict[int, str], written: Iterable[int] = ()) -> None:
+        """Write the results of videos in one shard ``[start, stop)`` in a single pass.
+
+        ``rows`` maps index -> {array name: value}; ``errors`` maps index -> message; ``written``
+        are videos whose data a pool worker already stored (:meth:`write_rows`). Rows not given
+        keep their stored content. Data first, then errors, then done flags.
+        """
+        written = sorted(written)
+        if any(not start <= i < stop for i in [*errors, *written]):
             raise ValueError(f"write_block({start}, {stop}) got indices outside the shard")
-        if idx:
-            names = rows[idx[0]].keys()
-            for name in names:
-                arr = self.group[name]
-                if len(idx) == stop - start:
-                    block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in range(start, stop)])
-                else:
-                    block = np.asarray(arr[start:stop])
-                    for i in idx:
-                        block[i - start] = rows[i][name]
-                arr[start:stop] = block
+        self.write_rows(start, stop, rows)
         err = np.asarray(self.group[ERROR][start:stop]).astype(object)
         done = np.asarray(self.group[DONE][start:stop], dtype=bool)
-        for i in idx:
+        for i in [*rows, *written]:
             err[i - start] = ""
             done[i - start] = True
         for i, message in errors.items():
@@ -353,7 +369,20 @@ def partition_shards(shards: Sequence[tuple[int, int]], part: Partition) -> list
 # ---------------------------------------------------------------------------------------------
 # Running a stage
 # ---------------------------------------------------------------------------------------------
-Produce = Callable[[list[int]], Iterable[tuple[int, "dict[str, np.ndarray] | BaseException"]]]
+Produce = Callable[[list[int]], Iterable[tuple[int, "dict[str, np.ndarray] | BaseException | _Written"]]]
+
+
+class _Written:
+    def __repr__(self):
+        return "WRITTEN"
+
+    def __reduce__(self):  # unpickles as the module's singleton, so ``result is WRITTEN`` holds
+        return "WRITTEN"
+
+
+#: What a producer yields for a video whose data its pool worker stored itself (the worker owned
+#: the whole shard and called :meth:`StageStore.write_rows` before the result came back).
+WRITTEN = _Written()
 
 
 @dataclass
@@ -387,8 +416,9 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
     Args:
         store: the open stage store.
         produce: called once with the pending indices (in order); yields ``(index, result)``
-            pairs in any order, where result is ``{array name: value}`` or the exception that
-            video raised. It owns devices, pools and batching.
+            pairs in any order, where result is ``{array name: value}``, the exception that
+            video raised, or :data:`WRITTEN` when its pool worker stored the data (whole shards
+            only). It owns devices, pools and batching.
         eligible: indices this stage should process (e.g. manifest rows with status ok); the
             others are counted as skipped.
         names: a name per index (the video path) for error messages.
@@ -420,7 +450,7 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
             pending_by_shard[(s, e)] = todo
     shard_of = {i: key for key, todo in pending_by_shard.items() for i in todo}
     pending = sorted(shard_of)
-    buffers: dict[tuple[int, int], tuple[dict, dict]] = {k: ({}, {}) for k in pending_by_shard}
+    buffers: dict[tuple[int, int], tuple[dict, dict, list]] = {k: ({}, {}, []) for k in pending_by_shard}
 
     with _progress(console, show_progress, unit) as progress:
         task = progress.add_task(description or summary.stage, total=len(pending))
@@ -429,18 +459,21 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
                 key = shard_of.get(index)
                 if key is None:
                     raise RuntimeError(f"produce() yielded index {index}, which was not asked for")
-                rows, errs = buffers[key]
+                rows, errs, written = buffers[key]
                 if isinstance(result, BaseException):
                     message = f"{type(result).__name__}: {result}"
                     errs[index] = message
                     summary.failed += 1
                     summary.errors.append((index, names[index], message))
                 else:
-                    rows[index] = result
+                    if result is WRITTEN:
+                        written.append(index)
+                    else:
+                        rows[index] = result
                     summary.ok += 1
                 pending_by_shard[key].discard(index)
                 if not pending_by_shard[key]:
-                    store.write_block(key[0], key[1], rows, errs)
+                    store.write_block(key[0], key[1], rows, errs, written)
                     del buffers[key], pending_by_shard[key]
                 progress.advance(task)
         if pending_by_shard:

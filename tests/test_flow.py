@@ -372,6 +372,22 @@ def test_two_shard_processes_at_once_equal_one_process(tmp_path, small_videos):
     assert not list(two.glob("frames.zarr.tmp-*"))
 
 
+def test_fewer_shards_than_workers_says_how_to_use_every_core(tmp_path, small_videos):
+    import io
+
+    from rich.console import Console
+
+    cache = tmp_path / "cache"
+    make_cache(cache, small_videos)  # 6 videos, 4 per shard: 2 shards for 3 workers
+    out = io.StringIO()
+    summary = extract_flow(cache=cache, workers=3, videos_per_shard=4, console=Console(file=out, width=200), **KW)
+    assert summary.ok == 6
+    assert "only 2 shard(s) of 4 videos to compute for 3 workers" in out.getvalue()
+    out = io.StringIO()
+    extract_flow(cache=cache, workers=3, videos_per_shard=4, console=Console(file=out, width=200), **KW)
+    assert "shard(s)" not in out.getvalue()  # nothing left to compute: no hint
+
+
 def test_a_dying_worker_blames_only_its_video(tmp_path, small_videos):
     from flow_crash import crashing_extract_shard
 

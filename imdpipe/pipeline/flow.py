@@ -752,7 +752,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     from rich.console import Console
 
     from imdpipe.pipeline.manifest import read_manifest
-    from imdpipe.pipeline.store import Partition, print_summary, run_stage
+    from imdpipe.pipeline.store import Partition, partition_shards, print_summary, run_stage
 
     console = console or Console(stderr=True)
     cache = Path(cache)
@@ -786,6 +786,14 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     else:
         produce = cpu_producer(settings, paths, workers=workers, store_path=store.path,
                                videos_per_shard=store.videos_per_shard)
+        waiting = np.zeros(len(manifest), dtype=bool)
+        waiting[manifest.ok_indices()] = True
+        waiting &= ~store.done_mask()
+        todo = [(s, e) for s, e in partition_shards(store.shard_ranges(), part) if waiting[s:e].any()]
+        if 0 < len(todo) < workers:
+            console.print(f"[yellow]only {len(todo)} shard(s) of {store.videos_per_shard} videos to compute for "
+                          f"{workers} workers (a worker takes a whole shard): a smaller --videos-per-shard "
+                          f"would use every core (new stores only)[/yellow]")
     summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=paths, part=part,
                         description=f"flow [{settings.describe()}]", console=console,
                         show_progress=show_progress)

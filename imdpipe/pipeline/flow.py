@@ -477,13 +477,14 @@ def _init_worker():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _worker_extract(index: int, path: str, settings: FlowSettings):
+def _extract_or_error(path: str, settings: FlowSettings):
+    """A video's store row, or the VideoError that says why it has none."""
     try:
-        return index, extract_video(path, settings, threads=1)
+        return extract_video(path, settings, threads=1)
     except VideoError as e:
-        return index, e
+        return e
     except Exception as e:  # noqa: BLE001 - any other per-video failure must not stop the run
-        return index, VideoError(f"{path}: {type(e).__name__}: {e}")
+        return VideoError(f"{path}: {type(e).__name__}: {e}")
 
 
 def extract_shard(store_path: str, start: int, stop: int, indices: Sequence[int], paths: Sequence[str],
@@ -498,7 +499,7 @@ def extract_shard(store_path: str, start: int, stop: int, indices: Sequence[int]
 
     rows, out = {}, {}
     for i, path in zip(indices, paths):
-        _, result = _worker_extract(i, path, settings)
+        result = _extract_or_error(path, settings)
         if isinstance(result, BaseException):
             out[i] = result
         else:
@@ -550,12 +551,13 @@ def cpu_producer(settings: FlowSettings, paths: Sequence[str], *, workers: int, 
                 pool.shutdown()
 
     def produce(pending: list[int]) -> Iterator[tuple[int, Any]]:
-        todo = list(reversed(shard_tasks(pending)))
+        tasks = shard_tasks(pending)
         if workers == 0:
             _init_worker()
-            for start, stop, idx in reversed(todo):
+            for start, stop, idx in tasks:
                 yield from task(store_path, start, stop, idx, [paths[i] for i in idx], settings).items()
             return
+        todo = tasks[::-1]
         while todo:
             suspects: list = []
             with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
@@ -752,7 +754,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     from rich.console import Console
 
     from imdpipe.pipeline.manifest import read_manifest
-    from imdpipe.pipeline.store import Partition, partition_shards, print_summary, run_stage
+    from imdpipe.pipeline.store import Partition, print_summary, run_stage
 
     console = console or Console(stderr=True)
     cache = Path(cache)
@@ -786,10 +788,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     else:
         produce = cpu_producer(settings, paths, workers=workers, store_path=store.path,
                                videos_per_shard=store.videos_per_shard)
-        waiting = np.zeros(len(manifest), dtype=bool)
-        waiting[manifest.ok_indices()] = True
-        waiting &= ~store.done_mask()
-        todo = [(s, e) for s, e in partition_shards(store.shard_ranges(), part) if waiting[s:e].any()]
+        todo = store.pending_by_shard(manifest.ok_indices(), part)
         if 0 < len(todo) < workers:
             console.print(f"[yellow]only {len(todo)} shard(s) of {store.videos_per_shard} videos to compute for "
                           f"{workers} workers (a worker takes a whole shard): a smaller --videos-per-shard "

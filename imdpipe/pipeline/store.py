@@ -295,6 +295,17 @@ class StageStore:
         k, n = self.videos_per_shard, self.n_items
         return [(s, min(s + k, n)) for s in range(0, n, k)]
 
+    def pending_by_shard(self, eligible: Sequence[int], part: Partition = Partition(), *,
+                         done: np.ndarray | None = None) -> dict[tuple[int, int], set[int]]:
+        """The shards of writer ``part`` with work left: ``{(start, stop): eligible, not done indices}``."""
+        done = self.done_mask() if done is None else done
+        waiting = np.zeros(self.n_items, dtype=bool)
+        waiting[np.asarray(eligible, dtype=int)] = True
+        waiting &= ~done
+        return {(s, e): set((np.flatnonzero(waiting[s:e]) + s).tolist())
+                for s, e in partition_shards(self.shard_ranges(), part)
+                if waiting[s:e].any()}
+
     # -- writing ------------------------------------------------------------------------------
     def write_rows(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]]) -> None:
         """Write the data (not the flags) of videos in one shard ``[start, stop)``, one pass per array.
@@ -443,11 +454,7 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
     summary.not_mine = int((~mine_mask & eligible_mask).sum())
     summary.skipped = int((mine_mask & ~eligible_mask).sum())
     summary.already_done = int((mine_mask & eligible_mask & done).sum())
-    pending_by_shard: dict[tuple[int, int], set[int]] = {}
-    for s, e in mine:
-        todo = {i for i in range(s, e) if eligible_mask[i] and not done[i]}
-        if todo:
-            pending_by_shard[(s, e)] = todo
+    pending_by_shard = store.pending_by_shard(eligible, part, done=done)
     shard_of = {i: key for key, todo in pending_by_shard.items() for i in todo}
     pending = sorted(shard_of)
     buffers: dict[tuple[int, int], tuple[dict, dict, list]] = {k: ({}, {}, []) for k in pending_by_shard}

@@ -77,8 +77,8 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     from imdpipe.pipeline.index import build_index
     from imdpipe.pipeline.relevance import build_relevance
     from imdpipe.pipeline.savld import build_savld
-    from imdpipe.pipeline.synth import synth_dataset
-    from imdpipe.pipeline.tagger import train_tagger
+    from imdpipe.datasets.synth import synth_dataset
+    from imdpipe.train.tagger import train_tagger
     from imdpipe.train.config import TrainConfig
     from imdpipe.train.evaluate import evaluate
     from imdpipe.train.loop import train
@@ -104,7 +104,7 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
         else:
             console.print(f"reusing {data}")
     with step("2. audio tagger (small AST on the sound bank)"):
-        from imdpipe.pipeline.tagger import TaggerSettings
+        from imdpipe.train.tagger import TaggerSettings
 
         train_tagger(data / "soundbank" / "soundbank.csv", tagger_dir,
                      settings=TaggerSettings(epochs=s.tagger_epochs, seed=seed), console=console)

@@ -24,7 +24,7 @@ from imdpipe.pipeline.index import (
 )
 from imdpipe.pipeline.manifest import read_manifest
 from imdpipe.pipeline.media import write_mp4
-from imdpipe.pipeline.synth import CLASS_DESIGN
+from imdpipe.datasets.synth import CLASS_DESIGN
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from imdpipe.cli.main import app
 from imdpipe.labels import label_set
 from imdpipe.pipeline.index import probe_video
-from imdpipe.pipeline.synth import (
+from imdpipe.datasets.synth import (
     CLASS_DESIGN,
     SOUND_POOL,
     VISUAL_FAMILIES,

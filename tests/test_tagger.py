@@ -11,7 +11,7 @@ from audio_fixtures import make_cache
 from typer.testing import CliRunner
 
 from imdpipe.pipeline import audio as A
-from imdpipe.pipeline.tagger import (
+from imdpipe.train.tagger import (
     TaggerSettings,
     average_precision,
     mean_average_precision,

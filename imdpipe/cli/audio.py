@@ -120,7 +120,7 @@ def train_tagger_cmd(
     own sounds: the same transformers ASTForAudioClassification, tiny config, saved with
     save_pretrained together with its feature extractor.
     """
-    from imdpipe.pipeline.tagger import TaggerSettings, train_tagger
+    from imdpipe.train.tagger import TaggerSettings, train_tagger
 
     try:
         settings = TaggerSettings(epochs=epochs, hidden_size=hidden_size, layers=layers, heads=heads,

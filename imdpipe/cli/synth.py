@@ -47,7 +47,7 @@ def synth_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from imdpipe.pipeline.synth import synth_dataset
+    from imdpipe.datasets.synth import synth_dataset
 
     console = Console(stderr=True)
     try:

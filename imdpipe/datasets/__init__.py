@@ -1,0 +1,1 @@
+"""Dataset generators (the synthetic audio-visual dataset of the demo)."""

@@ -1,12 +1,16 @@
 """``imdpipe train`` / ``evaluate`` / ``predict``: parse options, call :mod:`imdpipe.train`.
 
-Every training option defaults to "not given" so that ``--config run.yaml`` can replay a run and
-the flags given on the command line override it; the help of each option shows its default and
-the paper's value (from :data:`imdpipe.train.config.FIELD_HELP`).
+``imdpipe train``'s options are derived from :class:`~imdpipe.train.config.TrainConfig`: every
+field with a :data:`~imdpipe.train.config.FIELD_HELP` entry is an option named after it (a new
+field and its help line are all it takes). Every such option defaults to "not given" so that
+``--config run.yaml`` can replay a run and the flags given on the command line override it; the
+help of each option shows its default and the paper's value.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +20,13 @@ import typer
 from imdpipe.cli.options import CacheOpt
 from imdpipe.train.config import FIELD_HELP, TrainConfig
 
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "relevance"}
+_FIELDS = [f for f in fields(TrainConfig) if f.name in FIELD_HELP]
+_TYPES = typing.get_type_hints(TrainConfig)
+
+# Flags other than --field-name (extra spellings kept for older command lines and scripts).
+_FLAGS = {"relevance_weight": ("--relevance-weight", "--lambda"), "num_workers": ("--workers", "--num-workers")}
+# How a tuple field is written on the command line.
+_TUPLE_FORMS = {str: "comma separated", float: "as LO,HI"}
 
 
 def _fmt(value) -> str:
@@ -25,12 +35,49 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _h(name: str) -> str:
-    return f"{FIELD_HELP[name]}. Default: {_fmt(_DEFAULTS[name])}."
+def _flags(name: str, kind) -> tuple[str, ...]:
+    flag = f"--{name.replace('_', '-')}"
+    if kind is bool:
+        return (f"{flag}/--no-{flag[2:]}",)
+    return _FLAGS.get(name, (flag,))
 
 
-def _opt(name: str, *flags: str, **kw):
-    return typer.Option(*(flags or (f"--{name.replace('_', '-')}",)), help=_h(name), show_default=False, **kw)
+def _config_option(f) -> inspect.Parameter:
+    """The ``typer`` parameter of one TrainConfig field (tuples are read as comma-separated text)."""
+    kind = _TYPES[f.name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    help_text = FIELD_HELP[f.name]
+    if typing.get_origin(kind) is tuple:
+        help_text += ", " + _TUPLE_FORMS[args[0]]
+        kind = str
+    elif args:  # X | None
+        kind = args[0]
+    option = typer.Option(*_flags(f.name, kind), help=f"{help_text}. Default: {_fmt(f.default)}.",
+                          show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], option])
+
+
+def _parse_tuple(name: str, text: str) -> tuple:
+    """``"rgb,flow"`` -> ``("rgb", "flow")``; numbers for numeric tuple fields."""
+    item = typing.get_args(_TYPES[name])[0]
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return tuple(item(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated {item.__name__} values such as "
+                                 f"{_fmt(next(f.default for f in _FIELDS if f.name == name))}, got {text!r}",
+                                 param_hint=_flags(name, str)[0]) from None
+
+
+def config_overrides(given: dict) -> dict:
+    """The TrainConfig fields given on the command line (None = not given), tuples parsed."""
+    overrides = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        overrides[name] = _parse_tuple(name, value) if typing.get_origin(_TYPES[name]) is tuple else value
+    return overrides
 
 
 def train_cmd(
@@ -41,46 +88,8 @@ def train_cmd(
                                                    "flags given here override its values.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its "
                                          "checkpoint-last.pt (with the settings it started with).")] = False,
-    size: Annotated[Optional[str], _opt("size")] = None,
-    fusion: Annotated[Optional[str], _opt("fusion")] = None,
-    modalities: Annotated[Optional[str], typer.Option("--modalities", show_default=False,
-                                       help=FIELD_HELP["modalities"] + ", comma separated. Default: rgb,flow,audio.")
-                          ] = None,
-    alpha: Annotated[Optional[float], _opt("alpha")] = None,
-    scheme: Annotated[Optional[str], _opt("scheme")] = None,
-    drop_rate: Annotated[Optional[float], _opt("drop_rate")] = None,
-    drop_path_rate: Annotated[Optional[float], _opt("drop_path_rate")] = None,
-    init_checkpoint: Annotated[Optional[str], _opt("init_checkpoint")] = None,
-    num_frames: Annotated[Optional[int], _opt("num_frames")] = None,
-    frame_stride: Annotated[Optional[int], _opt("frame_stride")] = None,
-    crop_size: Annotated[Optional[int], _opt("crop_size")] = None,
-    crop_scale: Annotated[Optional[str], typer.Option("--crop-scale", show_default=False,
-                                                      help=FIELD_HELP["crop_scale"] + ", as LO,HI. Default: 0.25,1.0.")
-                          ] = None,
-    hflip: Annotated[Optional[bool], _opt("hflip", "--hflip/--no-hflip")] = None,
-    cross_modal_p: Annotated[Optional[float], _opt("cross_modal_p")] = None,
-    train_split: Annotated[Optional[str], _opt("train_split")] = None,
-    val_split: Annotated[Optional[str], _opt("val_split")] = None,
-    optimizer: Annotated[Optional[str], _opt("optimizer")] = None,
-    lr: Annotated[Optional[float], _opt("lr")] = None,
-    momentum: Annotated[Optional[float], _opt("momentum")] = None,
-    weight_decay: Annotated[Optional[float], _opt("weight_decay")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size")] = None,
-    epochs: Annotated[Optional[int], _opt("epochs")] = None,
-    warmup_epochs: Annotated[Optional[float], _opt("warmup_epochs")] = None,
-    min_lr_ratio: Annotated[Optional[float], _opt("min_lr_ratio")] = None,
-    label_smoothing: Annotated[Optional[float], _opt("label_smoothing")] = None,
-    relevance_weight: Annotated[Optional[float], _opt("relevance_weight", "--relevance-weight", "--lambda")] = None,
-    grad_clip: Annotated[Optional[float], _opt("grad_clip")] = None,
-    device: Annotated[Optional[str], _opt("device")] = None,
-    amp: Annotated[Optional[bool], _opt("amp", "--amp/--no-amp")] = None,
-    compile_: Annotated[Optional[bool], _opt("compile", "--compile/--no-compile")] = None,
-    num_workers: Annotated[Optional[int], _opt("num_workers", "--workers", "--num-workers")] = None,
-    threads: Annotated[Optional[int], _opt("threads")] = None,
-    seed: Annotated[Optional[int], _opt("seed")] = None,
-    log_every: Annotated[Optional[int], _opt("log_every")] = None,
-    eval_batch_size: Annotated[Optional[int], _opt("eval_batch_size")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    **given,
 ):
     """Train a head (visual transformer + audio bottleneck + fusion) on a cache's stored features.
 
@@ -90,23 +99,7 @@ def train_cmd(
     from imdpipe.train.config import load_config
     from imdpipe.train.loop import train
 
-    given = dict(size=size, fusion=fusion, alpha=alpha, scheme=scheme, drop_rate=drop_rate,
-                 drop_path_rate=drop_path_rate, init_checkpoint=init_checkpoint, num_frames=num_frames,
-                 frame_stride=frame_stride, crop_size=crop_size, hflip=hflip, cross_modal_p=cross_modal_p,
-                 train_split=train_split, val_split=val_split, optimizer=optimizer, lr=lr, momentum=momentum,
-                 weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, warmup_epochs=warmup_epochs,
-                 min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, relevance_weight=relevance_weight,
-                 grad_clip=grad_clip, device=device, amp=amp, compile=compile_, num_workers=num_workers,
-                 threads=threads, seed=seed, log_every=log_every, eval_batch_size=eval_batch_size)
-    if modalities is not None:
-        given["modalities"] = tuple(m.strip() for m in modalities.split(",") if m.strip())
-    if crop_scale is not None:
-        try:
-            given["crop_scale"] = tuple(float(x) for x in crop_scale.split(","))
-        except ValueError:
-            raise typer.BadParameter(f"expected LO,HI such as 0.25,1.0, got {crop_scale!r}",
-                                     param_hint="--crop-scale") from None
-    overrides = {k: v for k, v in given.items() if v is not None}
+    overrides = config_overrides(given)
     if resume:
         if overrides or config is not None:
             typer.echo(f"--resume continues {out} with the settings it started with; ignoring "
@@ -123,6 +116,19 @@ def train_cmd(
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
+
+
+def _derive_signature(cmd) -> None:
+    """Give ``cmd`` one keyword option per TrainConfig field, in field order, before ``--quiet``."""
+    params = list(inspect.signature(cmd, eval_str=True).parameters.values())
+    fixed = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    head = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed if p.name != "quiet"]
+    quiet = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed if p.name == "quiet"]
+    cmd.__signature__ = inspect.Signature(head + [_config_option(f) for f in _FIELDS] + quiet)
+    cmd.__annotations__ = {p.name: p.annotation for p in cmd.__signature__.parameters.values()}
+
+
+_derive_signature(train_cmd)
 
 
 def evaluate_cmd(

@@ -72,16 +72,16 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     """
     from rich.console import Console
 
+    from imdpipe.datasets.synth import synth_dataset
     from imdpipe.pipeline.audio import extract_audio
     from imdpipe.pipeline.flow import extract_flow
     from imdpipe.pipeline.index import build_index
     from imdpipe.pipeline.relevance import build_relevance
     from imdpipe.pipeline.savld import build_savld
-    from imdpipe.datasets.synth import synth_dataset
-    from imdpipe.train.tagger import train_tagger
     from imdpipe.train.config import TrainConfig
     from imdpipe.train.evaluate import evaluate
     from imdpipe.train.loop import train
+    from imdpipe.train.tagger import train_tagger
 
     console = console or Console(stderr=True)
     s = settings or DemoSettings()

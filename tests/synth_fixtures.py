@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imdpipe.pipeline.index import build_index
 from imdpipe.datasets.synth import synth_dataset
+from imdpipe.pipeline.index import build_index
 
 #: 8 classes x 2 videos, 64x64, 1.5 s at 8 fps (12 frames), 16 one-second sound-bank clips.
 TINY = {"seed": 0, "videos_per_class": 2, "size": (64, 64), "duration_s": 1.5, "fps": 8, "test_fraction": 0.5,

@@ -13,6 +13,7 @@ from synth_fixtures import TINY, build_synth, build_synth_cache
 from typer.testing import CliRunner
 
 from imdpipe.cli.main import app
+from imdpipe.datasets.synth import CLASS_DESIGN
 from imdpipe.labels import label_set
 from imdpipe.pipeline.index import (
     DatasetLayoutError,
@@ -24,7 +25,6 @@ from imdpipe.pipeline.index import (
 )
 from imdpipe.pipeline.manifest import read_manifest
 from imdpipe.pipeline.media import write_mp4
-from imdpipe.datasets.synth import CLASS_DESIGN
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from synth_fixtures import TINY, build_synth
 from typer.testing import CliRunner
 
 from imdpipe.cli.main import app
-from imdpipe.labels import label_set
-from imdpipe.pipeline.index import probe_video
 from imdpipe.datasets.synth import (
     CLASS_DESIGN,
     SOUND_POOL,
@@ -30,6 +28,8 @@ from imdpipe.datasets.synth import (
     synth_dataset,
     visual_pairs,
 )
+from imdpipe.labels import label_set
+from imdpipe.pipeline.index import probe_video
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_predict_matches_cached_features(run_and_videos):
     from torch.utils.data import DataLoader
 
     from imdpipe.train.data import ClipDataset, open_cache
-    from imdpipe.train.loop import score_views
+    from imdpipe.train.evaluate import score_views
     from imdpipe.train.predict import predict
     from imdpipe.train.runtime import load_checkpoint, model_from_checkpoint
 

@@ -71,6 +71,32 @@ FIELD_HELP: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one clip of a video is: its frames, their spacing and the crop fed to the model.
+
+    Shared by training, evaluation and prediction (:class:`TrainConfig` holds one as flat
+    fields, :attr:`TrainConfig.clip` returns it). ``crop_scale`` and ``hflip`` only affect
+    training clips; test views are fixed crops.
+    """
+
+    num_frames: int = 8
+    frame_stride: int = 2
+    crop_size: int = 224
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop_scale", tuple(float(x) for x in self.crop_scale))
+        if self.crop_size < 16 or self.crop_size % 16:
+            raise ValueError(f"crop_size should be a positive multiple of 16 (the patch size), got {self.crop_size}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale should be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
+        for name in ("num_frames", "frame_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} should be >= 1, got {getattr(self, name)}")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (see :data:`FIELD_HELP` for each field's paper value)."""
@@ -84,12 +110,12 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     init_checkpoint: str | None = None
-    # data
-    num_frames: int = 8
-    frame_stride: int = 2
-    crop_size: int = 224
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    hflip: bool = True
+    # data (the clip: see ClipSpec)
+    num_frames: int = ClipSpec.num_frames
+    frame_stride: int = ClipSpec.frame_stride
+    crop_size: int = ClipSpec.crop_size
+    crop_scale: tuple[float, float] = ClipSpec.crop_scale
+    hflip: bool = ClipSpec.hflip
     cross_modal_p: float = 0.0
     train_split: str = "train"
     val_split: str = "auto"
@@ -119,7 +145,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
-        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        self.crop_scale = self.clip.crop_scale  # validates the clip fields
         if self.size not in SIZES:
             raise ValueError(f"size should be one of {SIZES}, got {self.size!r}")
         if self.fusion not in FUSIONS:
@@ -128,11 +154,7 @@ class TrainConfig:
             raise ValueError(f"optimizer should be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device should be one of {DEVICES}, got {self.device!r}")
-        if self.crop_size < 16 or self.crop_size % 16:
-            raise ValueError(f"crop_size should be a positive multiple of 16 (the patch size), got {self.crop_size}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale should be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
-        for name in ("num_frames", "frame_stride", "batch_size", "epochs", "log_every", "eval_batch_size"):
+        for name in ("batch_size", "epochs", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} should be >= 1, got {getattr(self, name)}")
         for name in ("cross_modal_p", "label_smoothing", "min_lr_ratio"):
@@ -153,6 +175,12 @@ class TrainConfig:
                            modalities=self.modalities, alpha=self.alpha, scheme=self.scheme,
                            audio_dim=audio_dim, num_frames=self.num_frames, img_size=self.crop_size,
                            drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
+
+    @property
+    def clip(self) -> ClipSpec:
+        """The clip this run trains and tests on."""
+        return ClipSpec(num_frames=self.num_frames, frame_stride=self.frame_stride, crop_size=self.crop_size,
+                        crop_scale=self.crop_scale, hflip=self.hflip)
 
     @property
     def uses_audio(self) -> bool:

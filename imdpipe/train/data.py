@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
 from imdpipe.pipeline.manifest import Manifest, read_manifest
 from imdpipe.pipeline.store import DONE, normalize_settings
+from imdpipe.train.config import ClipSpec
 
 FRAMES_STORE = "frames.zarr"
 AUDIO_STORE = "audio.zarr"
@@ -366,23 +367,20 @@ class ClipDataset(Dataset):
         info: the cache, from :func:`open_cache`.
         indices: manifest indices of the videos (see :func:`select_videos`).
         mode: ``"train"`` (one random clip) or ``"eval"`` (``clips x crops`` fixed views).
+        clip: frames per clip, their stride, the crop size, and the train-time crop scale and
+            flips (default: a :class:`ClipSpec` of the fields given as keywords, e.g.
+            ``num_frames=4``).
         modalities: subset of rgb, flow, audio to read.
         relevance: read relevance targets.
-        num_frames: frames per clip.
-        frame_stride: step between a clip's frames, in cached positions.
-        crop_size: side of the model input.
-        crop_scale: area range of the random resized crop (train).
-        hflip: random horizontal flips (train).
         cross_modal_p: probability of taking audio, has_audio and target from another video
             of the same class among ``indices`` (train).
         clips, crops: temporal clips and spatial crops per video (eval).
         seed: base seed; item randomness is drawn from ``(seed, epoch, video index)``.
     """
 
-    def __init__(self, info: CacheInfo, indices: list[int], *, mode: str = "train",
-                 modalities=("rgb", "flow", "audio"), relevance: bool = True, num_frames: int = 8,
-                 frame_stride: int = 2, crop_size: int = 224, crop_scale=(0.25, 1.0), hflip: bool = True,
-                 cross_modal_p: float = 0.0, clips: int = 4, crops: int = 3, seed: int = 0):
+    def __init__(self, info: CacheInfo, indices: list[int], *, mode: str = "train", clip: ClipSpec | None = None,
+                 modalities=("rgb", "flow", "audio"), relevance: bool = True, cross_modal_p: float = 0.0,
+                 clips: int = 4, crops: int = 3, seed: int = 0, **clip_fields):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode should be 'train' or 'eval', got {mode!r}")
         self.root = info.root
@@ -392,9 +390,8 @@ class ClipDataset(Dataset):
         self.modalities = tuple(modalities)
         self.read_audio = "audio" in self.modalities or relevance
         self.relevance = relevance
-        self.num_frames, self.frame_stride = num_frames, frame_stride
-        self.crop_size, self.crop_scale = crop_size, tuple(crop_scale)
-        self.hflip, self.cross_modal_p = hflip, cross_modal_p
+        self.clip = clip if clip is not None else ClipSpec(**clip_fields)
+        self.cross_modal_p = cross_modal_p
         self.clips, self.crops = clips, crops
         self.seed, self.epoch = seed, 0
         self.T, (self.H, self.W) = info.frames_T, info.frame_size
@@ -472,18 +469,19 @@ class ClipDataset(Dataset):
         return self._array(f"{FRAMES_STORE}/{key}")[index][positions, y0:y0 + h, x0:x0 + w]
 
     def _train_item(self, index: int) -> dict:
+        clip = self.clip
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        span = clip_span(self.num_frames, self.frame_stride)
+        span = clip_span(clip.num_frames, clip.frame_stride)
         start = int(rng.integers(0, max(self.T - span, 0) + 1))
-        positions = clip_positions(start, self.num_frames, self.frame_stride, self.T)
-        box = random_resized_box(rng, self.H, self.W, self.crop_scale)
-        flip = bool(self.hflip and rng.random() < 0.5)
+        positions = clip_positions(start, clip.num_frames, clip.frame_stride, self.T)
+        box = random_resized_box(rng, self.H, self.W, clip.crop_scale)
+        flip = bool(clip.hflip and rng.random() < 0.5)
         swap = self.cross_modal_p > 0 and rng.random() < self.cross_modal_p
         out = {"label": self.labels[index], "index": index}
         if "rgb" in self.modalities:
-            out["rgb"] = crop_rgb(self._read("rgb", index, positions, box), self.crop_size, flip)
+            out["rgb"] = crop_rgb(self._read("rgb", index, positions, box), clip.crop_size, flip)
         if "flow" in self.modalities:
-            out["flow"], out["flow_scale"] = crop_flow(self._read("flow", index, positions, box), self.crop_size, flip)
+            out["flow"], out["flow_scale"] = crop_flow(self._read("flow", index, positions, box), clip.crop_size, flip)
         if self.read_audio:
             t = clip_centre_time(self._small(f"{FRAMES_STORE}/frame_index")[index], positions, self.fps[index])
             donor = index
@@ -506,16 +504,15 @@ class ClipDataset(Dataset):
             if self.relevance:
                 audio["target"] = np.asarray(self._small(f"{RELEVANCE_STORE}/target")[index], dtype=np.float32)
         out = eval_views(rgb=frames.get("rgb"), flow=frames.get("flow"), frame_index=fi, fps=self.fps[index],
-                         audio=audio, num_frames=self.num_frames, frame_stride=self.frame_stride,
-                         crop_size=self.crop_size, clips=self.clips, crops=self.crops, flow_bound=self.flow_bound,
+                         audio=audio, clip=self.clip, clips=self.clips, crops=self.crops, flow_bound=self.flow_bound,
                          window_s=self.window_s)
         out.update(label=self.labels[index], index=index)
         return out
 
 
 def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: np.ndarray, fps: float,
-               audio: dict | None, num_frames: int, frame_stride: int, crop_size: int, clips: int, crops: int,
-               flow_bound: float = DEFAULT_FLOW_BOUND, window_s: float = DEFAULT_WINDOW_S) -> dict:
+               audio: dict | None, clip: ClipSpec, clips: int, crops: int, flow_bound: float = DEFAULT_FLOW_BOUND,
+               window_s: float = DEFAULT_WINDOW_S) -> dict:
     """The ``clips x crops`` test views of one video's cached arrays (clip-major order).
 
     Args:
@@ -523,6 +520,7 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
         frame_index: ``(T,)`` source frame of each position; ``fps`` converts it to seconds.
         audio: ``embedding`` (W, D), ``window_start_s`` (W,), ``has_audio`` and maybe ``target``
             (W,) as stored in audio.zarr / relevance.zarr, or None.
+        clip: frames, stride and crop size of each view.
 
     Returns:
         uint8 ``rgb`` (V, t, 3, S, S), quantized ``flow`` (V, t, 2, S, S) with ``flow_scale``
@@ -531,9 +529,9 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
     """
     T = len(frame_index)
     H, W = (rgb if rgb is not None else flow).shape[1:3] if (rgb is not None or flow is not None) else (0, 0)
-    starts = eval_starts(T, num_frames, frame_stride, clips)
+    starts = eval_starts(T, clip.num_frames, clip.frame_stride, clips)
     boxes = eval_boxes(H, W, crops) if H else []
-    clip_pos = [clip_positions(s, num_frames, frame_stride, T) for s in starts]
+    clip_pos = [clip_positions(s, clip.num_frames, clip.frame_stride, T) for s in starts]
     out: dict = {}
     for key, frames in (("rgb", rgb), ("flow", flow)):
         if frames is None:
@@ -544,9 +542,9 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
             for y0, x0, h, w in boxes:
                 crop = seg[:, y0:y0 + h, x0:x0 + w]
                 if key == "rgb":
-                    views.append(crop_rgb(crop, crop_size, False))
+                    views.append(crop_rgb(crop, clip.crop_size, False))
                 else:
-                    q, scale = crop_flow(crop, crop_size, False)
+                    q, scale = crop_flow(crop, clip.crop_size, False)
                     views.append(q)
                     scales.append(scale)
         out[key] = torch.stack(views)  # (V, t, C, S, S) uint8

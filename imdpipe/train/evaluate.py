@@ -25,9 +25,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from imdpipe.train.config import TrainConfig
-from imdpipe.train.data import ClipDataset, compare_provenance, open_cache, report_selection, select_videos
-from imdpipe.train.loop import score_views
-from imdpipe.train.runtime import load_checkpoint, model_from_checkpoint, run_dir_checkpoint, select_device
+from imdpipe.train.data import (
+    ClipDataset,
+    compare_provenance,
+    open_cache,
+    prepare_inputs,
+    report_selection,
+    select_videos,
+)
+from imdpipe.train.runtime import (
+    autocast_context,
+    load_checkpoint,
+    model_from_checkpoint,
+    run_dir_checkpoint,
+    select_device,
+)
 
 GROUND_TRUTH_NAME = "ground_truth.csv"
 
@@ -72,6 +84,38 @@ def find_ground_truth(cache: Path, video_paths: list[str]) -> Path | None:
         p = p if p.is_absolute() else cache / p
         candidates += [parent / GROUND_TRUTH_NAME for parent in list(p.parents)[:3]]
     return next((c for c in candidates if c.is_file()), None)
+
+
+@torch.no_grad()
+def score_views(model, loader, *, modalities, device, amp: bool, flow_bound: float = 20.0, progress=None,
+                task=None):
+    """Forward every view of every video; returns per-video softmax averaged over views and per-view rev.
+
+    Returns a dict of tensors: ``probs`` (N, C), ``labels`` (N,), ``indices`` (N,),
+    ``rev`` (N, V) or None, ``target`` (N, V) or None, ``has_audio`` (N,) or None.
+    """
+    model.eval()
+    probs, labels, indices, revs, targets, has_audio = [], [], [], [], [], []
+    for batch in loader:
+        b = batch["label"].shape[0]
+        rgb, flow, audio = prepare_inputs(batch, modalities, device, flow_bound=flow_bound, flatten_views=True)
+        with autocast_context(device, amp):
+            logits, rev = model(rgb, flow, audio)
+        p = logits.float().softmax(-1).view(b, -1, logits.shape[-1]).mean(1)  # average over views
+        probs.append(p.cpu())
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+        if rev is not None:
+            revs.append(rev.float().view(b, -1).cpu())
+        if "target" in batch:
+            targets.append(batch["target"].float())
+        if "has_audio" in batch:
+            has_audio.append(batch["has_audio"])
+        if progress is not None:
+            progress.advance(task, b)
+    cat = (lambda xs: torch.cat(xs) if xs else None)
+    return {"probs": cat(probs), "labels": cat(labels), "indices": cat(indices), "rev": cat(revs),
+            "target": cat(targets), "has_audio": cat(has_audio)}
 
 
 def top_k_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,8 +167,7 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     dev = select_device(device or config.device)
     model = model_from_checkpoint(ckpt, dev)
     labels = list(ckpt["labels"])
-    ds = ClipDataset(info, sel.indices, mode="eval", modalities=config.modalities, relevance=False,
-                     num_frames=config.num_frames, frame_stride=config.frame_stride, crop_size=config.crop_size,
+    ds = ClipDataset(info, sel.indices, mode="eval", clip=config.clip, modalities=config.modalities, relevance=False,
                      clips=clips, crops=crops, seed=config.seed)
     loader = DataLoader(ds, batch_size=batch_size or config.eval_batch_size, shuffle=False,
                         num_workers=config.num_workers if num_workers is None else num_workers)

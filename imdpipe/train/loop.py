@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from imdpipe.train.data import (
     report_selection,
     select_videos,
 )
+from imdpipe.train.evaluate import score_views
 from imdpipe.train.runtime import (
     CHECKPOINT_BEST,
     CHECKPOINT_LAST,
@@ -100,38 +102,6 @@ def resolve_val_split(name: str, splits: set[str], train_split: str) -> str | No
     if name not in splits:
         raise ValueError(f"val_split {name!r} is not a split of the manifest (splits: {sorted(splits)})")
     return name
-
-
-@torch.no_grad()
-def score_views(model, loader, *, modalities, device, amp: bool, flow_bound: float = 20.0, progress=None,
-                task=None):
-    """Forward every view of every video; returns per-video softmax averaged over views and per-view rev.
-
-    Returns a dict of tensors: ``probs`` (N, C), ``labels`` (N,), ``indices`` (N,),
-    ``rev`` (N, V) or None, ``target`` (N, V) or None, ``has_audio`` (N,) or None.
-    """
-    model.eval()
-    probs, labels, indices, revs, targets, has_audio = [], [], [], [], [], []
-    for batch in loader:
-        b = batch["label"].shape[0]
-        rgb, flow, audio = prepare_inputs(batch, modalities, device, flow_bound=flow_bound, flatten_views=True)
-        with autocast_context(device, amp):
-            logits, rev = model(rgb, flow, audio)
-        p = logits.float().softmax(-1).view(b, -1, logits.shape[-1]).mean(1)  # average over views
-        probs.append(p.cpu())
-        labels.append(batch["label"])
-        indices.append(batch["index"])
-        if rev is not None:
-            revs.append(rev.float().view(b, -1).cpu())
-        if "target" in batch:
-            targets.append(batch["target"].float())
-        if "has_audio" in batch:
-            has_audio.append(batch["has_audio"])
-        if progress is not None:
-            progress.advance(task, b)
-    cat = (lambda xs: torch.cat(xs) if xs else None)
-    return {"probs": cat(probs), "labels": cat(labels), "indices": cat(indices), "rev": cat(revs),
-            "target": cat(targets), "has_audio": cat(has_audio)}
 
 
 def _write_curves(records: list[dict], path: Path) -> None:
@@ -224,13 +194,101 @@ def train(*, cache: str | Path, out: str | Path, config: TrainConfig | None = No
         ddp.close()
 
 
+@dataclass
+class EpochTotals:
+    """Sums over one epoch's training steps (per process until :meth:`all_sum`)."""
+
+    loss: float = 0.0  # sum over clips of the loss
+    ce: float = 0.0
+    bce: float = 0.0
+    correct: float = 0.0  # clips whose arg-max is the label
+    clips: float = 0.0
+
+    def add(self, loss: float, ce: float, bce: float, correct: float, n: int) -> None:
+        """One step's mean losses over ``n`` clips."""
+        self.loss += loss * n
+        self.ce += ce * n
+        self.bce += bce * n
+        self.correct += correct
+        self.clips += n
+
+    def all_sum(self, ddp: Dist, device: torch.device) -> EpochTotals:
+        """The totals over every process."""
+        return EpochTotals(*ddp.all_sum([self.loss, self.ce, self.bce, self.correct, self.clips], device))
+
+
+@dataclass
+class _Run:
+    """What one training process holds between epochs (built by :func:`_setup`)."""
+
+    config: TrainConfig
+    info: object  # CacheInfo
+    out: Path
+    ddp: Dist
+    device: torch.device
+    say: object  # console.print on rank 0, a no-op elsewhere
+    model_cfg: object  # heads.ModelConfig
+    raw_model: torch.nn.Module
+    model: torch.nn.Module  # raw_model, maybe wrapped in DDP / compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_sel: object  # Selection
+    train_ds: ClipDataset
+    sampler: DistributedSampler
+    val_loader: DataLoader | None
+    per_rank: int
+    steps_per_epoch: int
+    start_epoch: int = 0
+    step: int = 0
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+
 def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, console, ddp: Dist,
            device: torch.device, show_progress: bool, stop_after_epoch: int | None) -> dict:
+    t_start = time.perf_counter()
+    run = _setup(cache=cache, out=out, config=config, ckpt=ckpt, console=console, ddp=ddp, device=device)
+    seen_clips, train_seconds, last_epoch, last = 0, 0.0, run.start_epoch - 1, {}
+    with _progress(console, show_progress) as progress:
+        for epoch in range(run.start_epoch, run.config.epochs):
+            totals, seconds = _train_epoch(run, epoch, progress)
+            seen_clips += int(totals.clips)
+            train_seconds += seconds
+            rec = {"kind": "epoch", "epoch": epoch, "step": run.step, "train_loss": totals.loss / totals.clips,
+                   "train_ce": totals.ce / totals.clips, "train_bce": totals.bce / totals.clips,
+                   "train_top1": 100 * totals.correct / totals.clips, "lr": run.scheduler.get_last_lr()[0],
+                   "clips_per_s": totals.clips / seconds, "seconds": seconds, "val_top1": None, "val_loss": None}
+            if run.val_loader is not None:
+                rec["val_top1"], rec["val_loss"] = _validate(run)
+            if ddp.main:
+                _checkpoint(run, epoch, rec)
+            ddp.barrier()
+            last, last_epoch = rec, epoch
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+
+    best = run.best
+    summary = {
+        "run": str(out), "epochs_done": last_epoch + 1, "epochs": run.config.epochs, "steps": run.step,
+        "train_videos": len(run.train_ds), "left_out": run.train_sel.n_left_out,
+        "final_train_loss": last.get("train_loss"), "final_train_top1": last.get("train_top1"),
+        "best_epoch": best["epoch"] if best else None, "best_val_top1": best["val_top1"] if best else None,
+        "clips_per_s": seen_clips / train_seconds if train_seconds else None,
+        "seconds": time.perf_counter() - t_start, "world_size": ddp.world, "per_rank_batch": run.per_rank,
+        "device": str(device), "weights_sha256": state_sha256(run.raw_model.state_dict()),
+    }
+    if ddp.main:
+        _print_summary(summary, console)
+    return summary
+
+
+def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, console, ddp: Dist,
+           device: torch.device) -> _Run:
+    """Open the cache, build the datasets, the model and its optimizer (restored from ``ckpt``), write config.yaml."""
     from imdpipe.heads import build_model
     from imdpipe.train.data import compare_provenance
 
     say = console.print if ddp.main else (lambda *a, **k: None)
-    t_start = time.perf_counter()
     info = open_cache(cache, audio=config.uses_audio, relevance=config.uses_relevance)
     if ckpt is not None:
         problems, notes = compare_provenance(ckpt["provenance"], info.provenance)
@@ -252,10 +310,8 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ddp.world} processes")
     per_rank = config.batch_size // ddp.world
 
-    data_kw = dict(modalities=config.modalities, relevance=config.uses_relevance, num_frames=config.num_frames,
-                   frame_stride=config.frame_stride, crop_size=config.crop_size, seed=config.seed)
-    train_ds = ClipDataset(info, train_sel.indices, mode="train", crop_scale=config.crop_scale, hflip=config.hflip,
-                           cross_modal_p=config.cross_modal_p, **data_kw)
+    data_kw = dict(clip=config.clip, modalities=config.modalities, relevance=config.uses_relevance, seed=config.seed)
+    train_ds = ClipDataset(info, train_sel.indices, mode="train", cross_modal_p=config.cross_modal_p, **data_kw)
     sampler = DistributedSampler(train_ds, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
     steps_per_epoch = len(sampler) // per_rank
@@ -279,120 +335,100 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total=total_steps, warmup=warmup, min_ratio=config.min_lr_ratio))
-    start_epoch, step, best = 0, 0, None
-    history: list[dict] = []
+    run = _Run(config=config, info=info, out=out, ddp=ddp, device=device, say=say, model_cfg=model_cfg,
+               raw_model=raw_model, model=raw_model, optimizer=optimizer, scheduler=scheduler, train_sel=train_sel,
+               train_ds=train_ds, sampler=sampler, val_loader=val_loader, per_rank=per_rank,
+               steps_per_epoch=steps_per_epoch)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_states(ckpt["rng"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best")
-        history = [r for r in _read_metrics(out / METRICS_NAME) if r["epoch"] <= ckpt["epoch"]]
-    model = raw_model
+        run.start_epoch, run.step, run.best = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best")
+        run.history = [r for r in _read_metrics(out / METRICS_NAME) if r["epoch"] <= ckpt["epoch"]]
     if ddp.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
+        run.model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
-        model = torch.compile(model)
+        run.model = torch.compile(run.model)
 
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_NAME)
-        _write_metrics(out / METRICS_NAME, history)
+        _write_metrics(out / METRICS_NAME, run.history)
         say(f"training {model_cfg.size} / {model_cfg.fusion} on {', '.join(model_cfg.modalities)}: "
             f"{len(train_ds)} videos, {len(info.labels)} classes, {steps_per_epoch} steps/epoch x {config.epochs} "
             f"epochs, batch {config.batch_size} ({ddp.world} process(es)), {device.type}"
-            + (f", resuming after epoch {start_epoch}" if ckpt is not None else ""))
+            + (f", resuming after epoch {run.start_epoch}" if ckpt is not None else ""))
+    return run
 
-    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=config.num_workers, drop_last=True,
-                     pin_memory=device.type == "cuda")
-    seen_clips, train_seconds, last_epoch = 0, 0.0, start_epoch - 1
-    last = {}
-    with _progress(console, show_progress) as progress:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            train_ds.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
-            loader = DataLoader(train_ds, **loader_kw)
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, rate=0.0, loss=0.0)
-            sums = [0.0] * 5  # loss, ce, bce, correct, clips (local)
-            t0 = time.perf_counter()
-            for batch in loader:
-                rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=info.flow_bound)
-                labels = batch["label"].to(device)
-                targets = batch["target"].to(device) if "target" in batch else None
-                with autocast_context(device, config.amp):
-                    logits, rev = model(rgb, flow, audio)
-                loss, ce, bce = loss_terms(logits, rev, labels, targets, config)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                n = labels.shape[0]
-                correct = (logits.argmax(-1) == labels).sum().item()
-                for k, v in enumerate((loss.item() * n, ce.item() * n, bce.item() * n, correct, n)):
-                    sums[k] += v
-                rate = sums[4] * ddp.world / max(time.perf_counter() - t0, 1e-9)
-                progress.update(task, advance=1, rate=rate, loss=loss.item())
-                if ddp.main and step % config.log_every == 0:
-                    rec = {"kind": "step", "epoch": epoch, "step": step, "loss": loss.item(), "ce": ce.item(),
-                           "bce": bce.item(), "lr": scheduler.get_last_lr()[0], "clips_per_s": rate}
-                    history.append(rec)
-                    _append_metric(out / METRICS_NAME, rec)
-            seconds = time.perf_counter() - t0
-            sums = ddp.all_sum(sums, device)
-            seen_clips += int(sums[4])
-            train_seconds += seconds
-            rec = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": sums[0] / sums[4],
-                   "train_ce": sums[1] / sums[4], "train_bce": sums[2] / sums[4],
-                   "train_top1": 100 * sums[3] / sums[4], "lr": scheduler.get_last_lr()[0],
-                   "clips_per_s": sums[4] / seconds, "seconds": seconds, "val_top1": None, "val_loss": None}
-            if val_loader is not None:
-                res = score_views(raw_model, val_loader, modalities=config.modalities, device=device, amp=config.amp,
-                                  flow_bound=info.flow_bound)
-                rec["val_top1"] = 100 * (res["probs"].argmax(-1) == res["labels"]).float().mean().item()
-                rec["val_loss"] = F.nll_loss(res["probs"].clamp_min(1e-12).log(), res["labels"]).item()
-            if ddp.main:
-                key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (-rec["train_loss"],)
-                improved = best is None or tuple(key) > tuple(best["key"])
-                if improved:
-                    best = {"key": list(key), "epoch": epoch, "val_top1": rec["val_top1"],
-                            "train_loss": rec["train_loss"]}
-                history.append(rec)
-                _append_metric(out / METRICS_NAME, rec)
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_states(), "epoch": epoch, "step": step,
-                         "best": best, "config": config.to_dict(), "model_config": _model_config_dict(model_cfg),
-                         "provenance": info.provenance, "labels": list(info.labels), "metrics": rec}
-                save_checkpoint(state, out / CHECKPOINT_LAST)
-                if improved:
-                    save_checkpoint(state, out / CHECKPOINT_BEST)
-                _write_curves(history, out / CURVES_NAME)
-                val = f", val top-1 {rec['val_top1']:.1f}%" if rec["val_top1"] is not None else ""
-                say(f"epoch {epoch + 1}: loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f}, "
-                    f"bce {rec['train_bce']:.4f}), train top-1 {rec['train_top1']:.1f}%{val}, "
-                    f"{rec['clips_per_s']:.1f} clips/s" + (" [best]" if improved else ""))
-            ddp.barrier()
-            last, last_epoch = rec, epoch
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                break
 
-    summary = {
-        "run": str(out), "epochs_done": last_epoch + 1, "epochs": config.epochs, "steps": step,
-        "train_videos": len(train_ds), "left_out": train_sel.n_left_out,
-        "final_train_loss": last.get("train_loss"), "final_train_top1": last.get("train_top1"),
-        "best_epoch": best["epoch"] if best else None, "best_val_top1": best["val_top1"] if best else None,
-        "clips_per_s": seen_clips / train_seconds if train_seconds else None,
-        "seconds": time.perf_counter() - t_start, "world_size": ddp.world, "per_rank_batch": per_rank,
-        "device": str(device), "weights_sha256": state_sha256(raw_model.state_dict()),
-    }
-    if ddp.main:
-        _print_summary(summary, console)
-    return summary
+def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
+    """One pass over the training split: returns the totals over every process and the seconds it took."""
+    config, device, ddp = run.config, run.device, run.ddp
+    run.model.train()
+    run.train_ds.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)
+    torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
+    loader = DataLoader(run.train_ds, batch_size=run.per_rank, sampler=run.sampler, num_workers=config.num_workers,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=run.steps_per_epoch, rate=0.0, loss=0.0)
+    totals = EpochTotals()
+    t0 = time.perf_counter()
+    for batch in loader:
+        rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=run.info.flow_bound)
+        labels = batch["label"].to(device)
+        targets = batch["target"].to(device) if "target" in batch else None
+        with autocast_context(device, config.amp):
+            logits, rev = run.model(rgb, flow, audio)
+        loss, ce, bce = loss_terms(logits, rev, labels, targets, config)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0])
+        rate = totals.clips * ddp.world / max(time.perf_counter() - t0, 1e-9)
+        progress.update(task, advance=1, rate=rate, loss=loss.item())
+        if ddp.main and run.step % config.log_every == 0:
+            rec = {"kind": "step", "epoch": epoch, "step": run.step, "loss": loss.item(), "ce": ce.item(),
+                   "bce": bce.item(), "lr": run.scheduler.get_last_lr()[0], "clips_per_s": rate}
+            run.history.append(rec)
+            _append_metric(run.out / METRICS_NAME, rec)
+    seconds = time.perf_counter() - t0
+    return totals.all_sum(ddp, device), seconds
+
+
+def _validate(run: _Run) -> tuple[float, float]:
+    """Top-1 (%) and NLL of the averaged softmax on the validation split (one centre view per video)."""
+    res = score_views(run.raw_model, run.val_loader, modalities=run.config.modalities, device=run.device,
+                      amp=run.config.amp, flow_bound=run.info.flow_bound)
+    top1 = 100 * (res["probs"].argmax(-1) == res["labels"]).float().mean().item()
+    return top1, F.nll_loss(res["probs"].clamp_min(1e-12).log(), res["labels"]).item()
+
+
+def _checkpoint(run: _Run, epoch: int, rec: dict) -> None:
+    """Rank 0 after an epoch: track the best epoch, log ``rec``, write the checkpoints and the curves."""
+    key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (-rec["train_loss"],)
+    improved = run.best is None or tuple(key) > tuple(run.best["key"])
+    if improved:
+        run.best = {"key": list(key), "epoch": epoch, "val_top1": rec["val_top1"], "train_loss": rec["train_loss"]}
+    run.history.append(rec)
+    _append_metric(run.out / METRICS_NAME, rec)
+    state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "rng": rng_states(), "epoch": epoch, "step": run.step,
+             "best": run.best, "config": run.config.to_dict(), "model_config": _model_config_dict(run.model_cfg),
+             "provenance": run.info.provenance, "labels": list(run.info.labels), "metrics": rec}
+    save_checkpoint(state, run.out / CHECKPOINT_LAST)
+    if improved:
+        save_checkpoint(state, run.out / CHECKPOINT_BEST)
+    _write_curves(run.history, run.out / CURVES_NAME)
+    val = f", val top-1 {rec['val_top1']:.1f}%" if rec["val_top1"] is not None else ""
+    run.say(f"epoch {epoch + 1}: loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f}, "
+            f"bce {rec['train_bce']:.4f}), train top-1 {rec['train_top1']:.1f}%{val}, "
+            f"{rec['clips_per_s']:.1f} clips/s" + (" [best]" if improved else ""))
 
 
 def _model_config_dict(cfg) -> dict:

@@ -118,8 +118,7 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
             views = eval_views(rgb=frames["rgb"] if "rgb" in config.modalities else None,
                                flow=frames["flow"] if "flow" in config.modalities else None,
                                frame_index=frames["frame_index"], fps=video_fps(video), audio=audio,
-                               num_frames=config.num_frames, frame_stride=config.frame_stride,
-                               crop_size=config.crop_size, clips=clips, crops=crops,
+                               clip=config.clip, clips=clips, crops=crops,
                                flow_bound=flow_settings.bound, window_s=window_s)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
             msg = f"{type(e).__name__}: {e}"

@@ -584,10 +584,7 @@ def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Pat
     """Write ``savld_similarity.png`` (video x audio heatmap, supplementary Figs. 2/4) and
     ``savld_top_audio_labels.png`` (the ``top`` audio labels most often in the dictionary,
     Figs. 1/3). Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -599,7 +596,8 @@ def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Pat
     small = uv <= 60 and ua <= 80
     fig_w = 12 if small else 14
     fig_h = max(4.0, min(12.0, 0.25 * uv + 2)) if small else 10
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(savld.similarity, aspect="auto", cmap="viridis", interpolation="nearest")
     if small:
         ax.set_yticks(range(uv), savld.video_labels, fontsize=7)
@@ -615,13 +613,13 @@ def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Pat
     fig.tight_layout()
     p = out_dir / "savld_similarity.png"
     fig.savefig(p)
-    plt.close(fig)
     paths.append(p)
 
     counts = mapped_counts(savld)
     order = np.argsort(-counts, kind="stable")[: min(top, ua)]
     order = order[counts[order] > 0]
-    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.22 * len(order) + 1.5)), dpi=110)
+    fig = Figure(figsize=(9, max(3.0, 0.22 * len(order) + 1.5)), dpi=110)
+    ax = fig.subplots()
     ax.barh(range(len(order)), counts[order], color="tab:blue")
     ax.set_yticks(range(len(order)), [savld.audio_labels[j] for j in order], fontsize=8)
     ax.set_ylim(len(order) - 0.5, -0.5)  # most frequent on top, no empty margin
@@ -632,7 +630,6 @@ def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Pat
     fig.tight_layout()
     p = out_dir / "savld_top_audio_labels.png"
     fig.savefig(p)
-    plt.close(fig)
     paths.append(p)
     return paths
 

@@ -228,14 +228,12 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
 
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, *, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     n = len(labels)
     side = min(max(4.0, 0.35 * n + 2), 30)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
     rows = confusion.sum(1, keepdims=True)
     ax.imshow(confusion / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
     if n <= 40:
@@ -249,7 +247,6 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, *, titl
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     tmp.replace(path)
 
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imdpipe.devices import select_device
 from imdpipe.labels import label_set
 from imdpipe.pipeline import audio as A
 from imdpipe.pipeline.manifest import VideoRecord, write_manifest
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    device = A.resolve_device(args.device)
+    device = select_device(args.device)
     dtypes = [d for d in args.dtypes.split(",") if d]
 
     with tempfile.TemporaryDirectory(prefix="bench_audio_") as tmp:

@@ -30,7 +30,6 @@ Pipeline per video (../shared/FIELD_NOTES.md, "AST, the frozen audio model"):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import os
@@ -44,6 +43,7 @@ import av
 import numpy as np
 import torch
 
+from imdpipe.devices import autocast, select_device
 from imdpipe.pipeline.manifest import read_manifest
 from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, run_stage
 
@@ -248,12 +248,6 @@ def _files_sha256(directory: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
     """``None`` means bf16 autocast on CUDA and float32 elsewhere."""
     if dtype is None or dtype == "":
@@ -301,7 +295,7 @@ def load_audio_model(model: str | Path = DEFAULT_MODEL, *, device=None, dtype: s
     """
     from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
-    dev = resolve_device(device)
+    dev = select_device(device)
     dtype = resolve_dtype(dtype, dev)
     src = str(model)
     local = Path(src).expanduser()
@@ -349,19 +343,13 @@ def load_audio_model(model: str | Path = DEFAULT_MODEL, *, device=None, dtype: s
     return net, fe, info
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def forward_windows(model, inputs: torch.Tensor, *, device, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """One forward of the frozen AST on (B, T, F) inputs: (pooled (B, D), logits (B, C)) float32.
 
     The transformer runs once; the classifier head is applied to its pooled output.
     """
     device = torch.device(device)
-    with torch.inference_mode(), _autocast(device, dtype):
+    with torch.inference_mode(), autocast(device, torch.bfloat16 if dtype == "bfloat16" else None):
         x = inputs.to(device, non_blocking=True)
         pooled = model.audio_spectrogram_transformer(x).pooler_output  # (B, D)
         logits = model.classifier(pooled)  # (B, C)
@@ -376,7 +364,7 @@ def embed_video(path: str | Path, *, model, feature_extractor, settings: dict, d
         as float32 (zeros without an audio track).
     """
     _check_extractor(feature_extractor, settings)
-    dev = resolve_device(device)
+    dev = select_device(device)
     windows = int(settings.get("windows", 1))
     item = video_inputs(path, feature_extractor=feature_extractor, windows=windows)
     d, c = int(model.config.hidden_size), int(model.config.num_labels)
@@ -541,7 +529,7 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
     cache = Path(cache)
     manifest = read_manifest(cache)
     part = shard if isinstance(shard, Partition) else Partition.parse(shard)
-    dev = resolve_device(device)
+    dev = select_device(device)
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0
     net, fe, info = load_audio_model(model, device=dev, dtype=dtype)

@@ -768,12 +768,10 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                             raft_variant=raft_variant, raft_iters=raft_iters)
     model = None
     if chosen == "raft":
-        import torch
+        from imdpipe.devices import select_device
 
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if str(dev).startswith("cuda"):
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if dev == "cuda" else dev
-        else:
+        dev = select_device(device)
+        if dev.type != "cuda":
             console.print("[yellow]RAFT on CPU is slow; for CPU runs prefer --backend dis[/yellow]")
         model, wid = build_raft(raft_variant, weights=flow_weights, device=dev)
         settings = replace(settings, raft_weights=wid)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,26 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from imdpipe.devices import autocast, select_device
+
 CHECKPOINT_LAST = "checkpoint-last.pt"
 CHECKPOINT_BEST = "checkpoint-best.pt"
 
 
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' asked for but torch sees no CUDA GPU; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA, nothing on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """The trainer's mixed precision: bf16 autocast on CUDA, nothing on CPU."""
+    return autocast(device, torch.bfloat16 if enabled and device.type == "cuda" else None)
 
 
 def seed_everything(seed: int) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imdpipe.devices import select_device
 from imdpipe.pipeline.audio import (
     SAMPLE_RATE,
     crop_windows,
@@ -211,7 +212,7 @@ def train_tagger(soundbank: str | Path, out: str | Path, *, settings: TaggerSett
     t_start = time.perf_counter()
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = select_device(device)
     labels = sorted({lab for _, labs in rows for lab in labs})
     lab_index = {lab: i for i, lab in enumerate(labels)}
     waves = []

@@ -32,7 +32,11 @@ def test_layout_chunks_shards_and_dims(tmp_path):
     assert g["x"].chunks == (1, 3, 2) and g["x"].shards == (4, 3, 2)
     assert g["done"].chunks == (4,) and g["error"].chunks == (4,)
     assert g["x"].attrs["_ARRAY_DIMENSIONS"] == ["video", "t", "c"]
-    assert g.attrs["settings"] == {"size": [4, 4], "mode": "a", "videos_per_shard": 4}
+    assert g.attrs["settings"] == {"size": [4, 4], "mode": "a", "videos_per_shard": 4, "chunk_checksum": "crc32c"}
+    for name in ("x", "n", "done", "error"):  # every chunk ends with its checksum
+        assert type(g[name].metadata.codecs[-1]).__name__ == "Crc32cCodec" or \
+            type(g[name].metadata.codecs[0].codecs[-1]).__name__ == "Crc32cCodec"
+
     assert g.attrs["stage"] == "demo" and g.attrs["manifest_sha256"] == "abc"
     assert store.shard_ranges() == [(0, 4), (4, 8), (8, 10)]
 

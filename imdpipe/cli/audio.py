@@ -53,14 +53,14 @@ def extract_audio_cmd(
     from rich.console import Console
 
     from imdpipe.pipeline.audio import ModelUnavailable, extract_audio
-    from imdpipe.pipeline.store import SettingsMismatch, print_summary
+    from imdpipe.pipeline.store import DiskFull, SettingsMismatch, print_summary
 
     console = Console(stderr=True)
     try:
         summary = extract_audio(cache=cache, model=model, windows=windows, batch_size=batch_size,
                                 workers=workers, dtype=dtype, device=device, shard=shard, overwrite=overwrite,
                                 videos_per_shard=videos_per_shard, console=console, show_progress=not quiet)
-    except (ModelUnavailable, SettingsMismatch, FileNotFoundError, ValueError) as e:
+    except (ModelUnavailable, SettingsMismatch, FileNotFoundError, ValueError, DiskFull) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
     print_summary(summary, console)

@@ -77,7 +77,7 @@ def extract_flow_cmd(
     (--shard i/n or torchrun), per-video errors recorded and summarised.
     """
     from imdpipe.pipeline.flow import extract_flow
-    from imdpipe.pipeline.store import SettingsMismatch
+    from imdpipe.pipeline.store import DiskFull, SettingsMismatch
 
     try:
         summary = extract_flow(cache=cache, backend=backend, frames=frames, size=parse_size(size), preset=preset,
@@ -85,7 +85,7 @@ def extract_flow_cmd(
                                batch_size=batch_size, device=device, flow_weights=flow_weights, shard=shard,
                                overwrite=overwrite, strict=strict, videos_per_shard=videos_per_shard,
                                show_progress=not quiet)
-    except (SettingsMismatch, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (SettingsMismatch, FileNotFoundError, ValueError, RuntimeError, DiskFull) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
     exit_for(summary, strict)

@@ -15,12 +15,13 @@ from imdpipe.cli.model_info import model_info_cmd
 from imdpipe.cli.savld import build_savld_cmd
 from imdpipe.cli.synth import synth_cmd
 from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd
+from imdpipe.cli.verify import verify_cmd
 
 app = typer.Typer(
     name="imdpipe",
     help="Feature caches and a head trainer for IMD (Learnable Irrelevant Modality Dropout) "
          "multimodal action recognition. Typical order: synth/index -> extract-flow -> "
-         "extract-audio -> build-savld -> train -> evaluate.",
+         "extract-audio -> build-savld -> train -> evaluate; verify checks a cache's chunks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -61,6 +62,7 @@ app.command("build-savld")(build_savld_cmd)
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
+app.command("verify")(verify_cmd)
 app.command("model-info")(model_info_cmd)
 app.command("export")(export_cmd)
 app.command("labels")(labels_cmd)

@@ -58,7 +58,7 @@ def build_savld_cmd(
 
     from imdpipe.pipeline import relevance as rel
     from imdpipe.pipeline import savld as sv
-    from imdpipe.pipeline.store import Partition, SettingsMismatch, print_summary
+    from imdpipe.pipeline.store import DiskFull, Partition, SettingsMismatch, print_summary
 
     console = Console(stderr=True)
     if metric not in sv.METRICS:
@@ -101,7 +101,7 @@ def build_savld_cmd(
         result = rel.build_relevance(cache=cache, savld=d, K=relevance_k, ya=ya, overlap=overlap, alpha=alpha,
                                      overwrite=overwrite, part=part, console=console,
                                      show_progress=not quiet)
-    except (ValueError, FileNotFoundError, SettingsMismatch) as e:
+    except (ValueError, FileNotFoundError, SettingsMismatch, DiskFull) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None
     print_summary(result.summary, console)

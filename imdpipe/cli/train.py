@@ -111,9 +111,11 @@ def train_cmd(
             cfg = base.replace(**overrides)
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
+    from imdpipe.pipeline.store import DiskFull
+
     try:
         train(cache=cache, out=out, config=cfg, resume=resume, show_progress=not quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, DiskFull) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
 

@@ -793,7 +793,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                           f"would use every core (new stores only)[/yellow]")
     summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=paths, part=part,
                         description=f"flow [{settings.describe()}]", console=console,
-                        show_progress=show_progress)
+                        show_progress=show_progress, shards_per_round=4 * max(workers, 1))
     print_summary(summary, console)
     return summary
 

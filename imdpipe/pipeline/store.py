@@ -20,15 +20,23 @@ Rules, learned the hard way (see ../shared/FIELD_NOTES.md "Storage facts"):
 * Opening an existing store with different settings is refused with the differing keys named;
   ``overwrite=True`` rebuilds it from nothing.
 * Handles are not fork-safe: readers open stores inside each DataLoader worker.
+* Every chunk ends with a CRC-32C of its encoded bytes (:func:`chunk_codecs`), so a chunk that
+  changed on disk fails to decode instead of reading as wrong values; a chunk missing on disk
+  reads as the fill value without any error, so :mod:`imdpipe.pipeline.integrity` checks that the
+  chunks of done videos exist (``imdpipe verify``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from imdpipe import __version__
 
@@ -44,10 +52,76 @@ DONE = "done"
 ERROR = "error"
 #: zstd level 1: the same ratio as zarr's default level on frames and flow, about 2x faster to write.
 DEFAULT_CODEC = ZstdCodec(level=1)
+#: The checksum every chunk carries (recorded in the settings of every stage store).
+CHECKSUM = "crc32c"
+
+
+def chunk_codecs(compressors: Any = None) -> tuple:
+    """An array's bytes-to-bytes codecs with a CRC-32C of the encoded chunk last.
+
+    ``compressors`` is one codec, a sequence of them, or None for :data:`DEFAULT_CODEC`. The
+    checksum comes last so it covers the bytes on disk: a flipped or truncated chunk fails to
+    decode (zarr raises) instead of decompressing to wrong values.
+    """
+    if compressors is None:
+        chain = [DEFAULT_CODEC]
+    elif isinstance(compressors, (list, tuple)):
+        chain = list(compressors)
+    else:
+        chain = [compressors]
+    return (*(c for c in chain if not isinstance(c, Crc32cCodec)), Crc32cCodec())
 
 
 class SettingsMismatch(ValueError):
     """An existing store was built with other settings (or for another manifest)."""
+
+
+class StoreDamaged(ValueError):
+    """Chunks of a store are missing or fail their checksum; the message names the store, the
+    array, the videos and the command that repairs it."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception is re-raised in the main process as
+        # ``type(e)("Caught ... Original Traceback ... StoreDamaged: <message>")``: keep the message.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.split("Original Traceback", 1)[1].split(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class DiskFull(OSError):
+    """A write ran out of disk space; the message names the path, the space needed and what was kept."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem of ``path`` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def tree_bytes(path: str | Path) -> int:
+    """Bytes of the files under a directory (a store's size on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @dataclass(frozen=True)
@@ -174,10 +248,17 @@ def create_group(path: str | Path, attrs: dict, *, overwrite: bool,
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    group.attrs.update(attrs)
-    if build is not None:
-        build(group)
+    try:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group.attrs.update(attrs)
+        if build is not None:
+            build(group)
+    except OSError as e:  # no half-made store is left behind (disk full, permissions)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFull(f"disk full while creating {path} ({human_bytes(free_bytes(path))} free there): free "
+                           f"some space or put --cache on another disk, then rerun the same command.") from e
+        raise
     try:
         tmp.rename(path)
     except OSError:
@@ -194,7 +275,7 @@ def add_array(group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str
     if data.ndim != len(dims):
         raise ValueError(f"array {name!r} has {data.ndim} axes but dims {tuple(dims)}")
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, dimension_names=tuple(dims),
-                             overwrite=True)
+                             compressors=chunk_codecs(), overwrite=True)
     arr[...] = data
     arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **normalize_settings(attrs)})
     return arr
@@ -231,7 +312,7 @@ class StageStore:
         path = Path(path)
         if videos_per_shard < 1:
             raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
-        settings = {**settings, "videos_per_shard": videos_per_shard}
+        settings = {**settings, "videos_per_shard": videos_per_shard, "chunk_checksum": CHECKSUM}
         if not path.exists() or overwrite:
             try:
                 group = create_group(path, root_attrs(stage, settings, manifest_sha256, **(attrs or {})),
@@ -249,6 +330,7 @@ class StageStore:
         if store.n_items != n_items:
             raise SettingsMismatch(f"{path} holds {store.n_items} videos but the manifest has "
                                    f"{n_items}; rerun with --overwrite to rebuild it.")
+        store.check_done_chunks()
         return store
 
     @classmethod
@@ -280,7 +362,20 @@ class StageStore:
         return int(self.group[DONE].chunks[0])
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group[DONE][:], dtype=bool)
+        try:
+            return np.asarray(self.group[DONE][:], dtype=bool)
+        except Exception as e:  # noqa: BLE001 - a damaged flags chunk
+            from imdpipe.pipeline.integrity import check_done_chunks
+
+            check_done_chunks(self.path, self.group)  # names the videos whose flags are unreadable
+            raise StoreDamaged(f"{self.path}/done cannot be read ({type(e).__name__}: {e}); run `imdpipe "
+                               f"verify --cache {self.path.parent} --repair`") from e
+
+    def check_done_chunks(self) -> None:
+        """Refuse the store if a chunk of a done video is missing or truncated (reads shard indexes only)."""
+        from imdpipe.pipeline.integrity import check_done_chunks
+
+        check_done_chunks(self.path, self.group, done=self.done_mask())
 
     def errors(self) -> np.ndarray:
         return np.asarray(self.group[ERROR][:])
@@ -325,7 +420,13 @@ class StageStore:
             if len(idx) == stop - start:
                 block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in range(start, stop)])
             else:
-                block = np.asarray(arr[start:stop])
+                try:
+                    block = np.asarray(arr[start:stop])
+                except Exception as e:  # noqa: BLE001 - a chunk of another video of the shard fails to decode
+                    raise StoreDamaged(f"{self.path}/{name}: a chunk of videos {start}..{stop - 1} fails to decode "
+                                       f"({type(e).__name__}: {e}), so the shard cannot be rewritten. Run `imdpipe "
+                                       f"verify --cache {self.path.parent} --repair`, then rerun this "
+                                       f"command.") from e
                 for i in idx:
                     block[i - start] = rows[i][name]
             arr[start:stop] = block
@@ -361,14 +462,14 @@ def _add_stage_arrays(group: zarr.Group, n_items: int, arrays: Sequence[ArraySpe
         shards = (min(k, max(n_items, 1)), *spec.shape) if k > 1 else None
         arr = group.create_array(spec.name, shape=(n_items, *spec.shape), chunks=(1, *spec.shape), shards=shards,
                                  dtype=spec.dtype, fill_value=spec.fill_value,
-                                 compressors=spec.compressors if spec.compressors is not None else DEFAULT_CODEC,
+                                 compressors=chunk_codecs(spec.compressors),
                                  dimension_names=("video", *spec.dims))
         arr.attrs.update({"_ARRAY_DIMENSIONS": ["video", *spec.dims], **normalize_settings(spec.attrs)})
     done = group.create_array(DONE, shape=(n_items,), chunks=flag_chunks, dtype="bool", fill_value=False,
-                              dimension_names=("video",))
+                              compressors=chunk_codecs(), dimension_names=("video",))
     done.attrs["_ARRAY_DIMENSIONS"] = ["video"]
     err = group.create_array(ERROR, shape=(n_items,), chunks=flag_chunks, dtype=str, fill_value="",
-                             dimension_names=("video",))
+                             compressors=chunk_codecs(), dimension_names=("video",))
     err.attrs["_ARRAY_DIMENSIONS"] = ["video"]
 
 
@@ -419,17 +520,75 @@ class Summary:
                 "seconds": round(self.seconds, 3), "errors": [list(e) for e in self.errors]}
 
 
+def claims_dir(store_path: str | Path) -> Path:
+    """Where the claim files of a store live: ``<store>.claims/`` beside it."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".claims")
+
+
+class ShardClaim:
+    """An exclusive claim on one shard of a store, so concurrent runs never compute it twice.
+
+    The claim is an ``flock`` on ``<store>.claims/shard-<start>``; the file records who holds it
+    (pid, host, since when) for people looking. The kernel drops the lock when its process dies,
+    however it dies (SIGKILL included), so a killed run's claims are free again at once: no stale
+    claim outlives its process. Local filesystems and NFSv4 support ``flock``.
+    """
+
+    def __init__(self, store_path: str | Path, start: int):
+        self.file = claims_dir(store_path) / f"shard-{int(start):012d}"
+        self._f = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the claim; False when another process holds it (unless ``wait``, which blocks)."""
+        self.file.parent.mkdir(exist_ok=True)
+        f = open(self.file, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return False
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} host {socket.gethostname()} since "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        f.flush()
+        self._f = f
+        return True
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+@contextlib.contextmanager
+def claim_shard(store_path: str | Path, start: int, *, wait: bool = False) -> Iterator[bool]:
+    """``with claim_shard(path, start) as held:`` holds the shard's claim when ``held`` is True."""
+    claim = ShardClaim(store_path, start)
+    try:
+        yield claim.acquire(wait)
+    finally:
+        claim.release()
+
+
 def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], names: Sequence[str],
               part: Partition = Partition(), description: str = "", unit: str = "video",
-              console=None, show_progress: bool = True) -> Summary:
+              console=None, show_progress: bool = True, shards_per_round: int = 8) -> Summary:
     """Compute every pending video this writer owns and write it, one whole shard at a time.
+
+    Shards are claimed (:class:`ShardClaim`) ``shards_per_round`` at a time, then handed to
+    ``produce``. A shard another run holds is skipped and retried at the end (waiting for its
+    claim); a shard another run finished meanwhile is not computed again. So several runs started
+    on the same store divide its shards instead of each computing all of them, and a killed run's
+    shards are taken over.
 
     Args:
         store: the open stage store.
-        produce: called once with the pending indices (in order); yields ``(index, result)``
-            pairs in any order, where result is ``{array name: value}``, the exception that
-            video raised, or :data:`WRITTEN` when its pool worker stored the data (whole shards
-            only). It owns devices, pools and batching.
+        produce: called once per round with the pending indices (in order); yields
+            ``(index, result)`` pairs in any order, where result is ``{array name: value}``, the
+            exception that video raised, or :data:`WRITTEN` when its pool worker stored the data
+            (whole shards only). It owns devices, pools and batching.
         eligible: indices this stage should process (e.g. manifest rows with status ok); the
             others are counted as skipped.
         names: a name per index (the video path) for error messages.
@@ -438,6 +597,12 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
         unit: what is counted (for the rate column).
         console: a ``rich.console.Console`` (default: stderr).
         show_progress: draw a progress bar.
+        shards_per_round: shards claimed and computed per call of ``produce``.
+
+    Raises:
+        DiskFull: the disk filled up (the message names the path and the space needed); every
+            shard written before is kept.
+        StoreDamaged: a shard to be rewritten holds a chunk that fails to decode.
     """
     from rich.console import Console
 
@@ -455,39 +620,107 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
     summary.skipped = int((mine_mask & ~eligible_mask).sum())
     summary.already_done = int((mine_mask & eligible_mask & done).sum())
     pending_by_shard = store.pending_by_shard(eligible, part, done=done)
-    shard_of = {i: key for key, todo in pending_by_shard.items() for i in todo}
-    pending = sorted(shard_of)
-    buffers: dict[tuple[int, int], tuple[dict, dict, list]] = {k: ({}, {}, []) for k in pending_by_shard}
+    queue, busy = list(pending_by_shard), []
 
     with _progress(console, show_progress, unit) as progress:
-        task = progress.add_task(description or summary.stage, total=len(pending))
-        if pending:
-            for index, result in produce(pending):
-                key = shard_of.get(index)
-                if key is None:
-                    raise RuntimeError(f"produce() yielded index {index}, which was not asked for")
-                rows, errs, written = buffers[key]
-                if isinstance(result, BaseException):
-                    message = f"{type(result).__name__}: {result}"
-                    errs[index] = message
-                    summary.failed += 1
-                    summary.errors.append((index, names[index], message))
-                else:
-                    if result is WRITTEN:
-                        written.append(index)
-                    else:
-                        rows[index] = result
-                    summary.ok += 1
-                pending_by_shard[key].discard(index)
-                if not pending_by_shard[key]:
-                    store.write_block(key[0], key[1], rows, errs, written)
-                    del buffers[key], pending_by_shard[key]
-                progress.advance(task)
-        if pending_by_shard:
-            missing = sorted(i for todo in pending_by_shard.values() for i in todo)
-            raise RuntimeError(f"produce() never yielded indices {missing[:10]}...")
+        total = sum(len(v) for v in pending_by_shard.values())
+        task = progress.add_task(description or summary.stage, total=total)
+        try:
+            while queue or busy:
+                held: list[ShardClaim] = []
+                try:
+                    batch = _claim_round(store, queue, busy, held, pending_by_shard, shards_per_round, summary)
+                    progress.update(task, total=summary.ok + summary.failed
+                                    + sum(len(v) for v in pending_by_shard.values()))
+                    if batch:
+                        _run_round(store, produce, batch, pending_by_shard, names, summary, progress, task)
+                finally:
+                    for claim in held:
+                        claim.release()
+        except OSError as e:
+            if is_disk_full(e) and not isinstance(e, DiskFull):
+                raise _disk_full(store, e, sum(len(v) for v in pending_by_shard.values())) from e
+            raise
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _claim_round(store: StageStore, queue: list, busy: list, held: list, pending_by_shard: dict, size: int,
+                 summary: Summary) -> list[tuple[int, int]]:
+    """Claim up to ``size`` shards with work left (appending their claims to ``held``).
+
+    Shards another process holds go to ``busy``; once ``queue`` is empty they are waited for, one
+    at a time and only when nothing else is claimed, so two runs never wait on each other.
+    """
+    batch = []
+    while (queue or busy) and len(batch) < size:
+        if queue:
+            key, wait = queue.pop(0), False
+        elif batch:
+            break
+        else:
+            key, wait = busy.pop(0), True
+        claim = ShardClaim(store.path, key[0])
+        if not claim.acquire(wait):
+            busy.append(key)
+            continue
+        # another run may have finished (part of) the shard since this run read the flags
+        fresh = np.asarray(store.group[DONE][key[0]:key[1]], dtype=bool)
+        todo = {i for i in pending_by_shard[key] if not fresh[i - key[0]]}
+        summary.not_mine += len(pending_by_shard[key]) - len(todo)
+        if todo:
+            pending_by_shard[key] = todo
+            held.append(claim)
+            batch.append(key)
+        else:
+            del pending_by_shard[key]
+            claim.release()
+    return batch
+
+
+def _run_round(store: StageStore, produce: Produce, batch: list, pending_by_shard: dict, names, summary: Summary,
+               progress, task) -> None:
+    """Produce and write the claimed shards of one round."""
+    shard_of = {i: key for key in batch for i in pending_by_shard[key]}
+    buffers: dict[tuple[int, int], tuple[dict, dict, list]] = {k: ({}, {}, []) for k in batch}
+    for index, result in produce(sorted(shard_of)):
+        key = shard_of.get(index)
+        if key is None:
+            raise RuntimeError(f"produce() yielded index {index}, which was not asked for")
+        rows, errs, written = buffers[key]
+        if isinstance(result, BaseException):
+            if is_disk_full(result):
+                raise result
+            message = f"{type(result).__name__}: {result}"
+            errs[index] = message
+            summary.failed += 1
+            summary.errors.append((index, names[index], message))
+        else:
+            if result is WRITTEN:
+                written.append(index)
+            else:
+                rows[index] = result
+            summary.ok += 1
+        pending_by_shard[key].discard(index)
+        if not pending_by_shard[key]:
+            store.write_block(key[0], key[1], rows, errs, written)
+            del buffers[key], pending_by_shard[key]
+        progress.advance(task)
+    left = sorted(i for key in batch for i in pending_by_shard.get(key, ()))
+    if left:
+        raise RuntimeError(f"produce() never yielded indices {left[:10]}...")
+
+
+def _disk_full(store: StageStore, error: OSError, left: int) -> DiskFull:
+    """One message for a full disk: where, how much is free, how much the rest needs, what is kept."""
+    done = int(store.done_mask().sum())
+    per_video = tree_bytes(store.path) / max(done, 1)
+    where = getattr(error, "filename", None) or store.path
+    need = (f"about {human_bytes(per_video * left)} more ({human_bytes(per_video)} per video so far)" if done
+            else "more space than is free")
+    return DiskFull(f"disk full while writing {where} ({human_bytes(free_bytes(store.path))} free there). The "
+                    f"{left} video(s) left need {need}: free that much or move the cache to a larger disk, then "
+                    f"rerun the same command; the {done} video(s) already done are kept and skipped.")
 
 
 class _NoProgress:
@@ -501,6 +734,9 @@ class _NoProgress:
         return 0
 
     def advance(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
         pass
 
 

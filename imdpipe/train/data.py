@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
 from imdpipe.pipeline.manifest import Manifest, read_manifest
-from imdpipe.pipeline.store import DONE, normalize_settings
+from imdpipe.pipeline.store import DONE, StoreDamaged, normalize_settings
 from imdpipe.train.config import ClipSpec
 
 FRAMES_STORE = "frames.zarr"
@@ -106,6 +106,7 @@ def open_cache(cache: str | Path, *, audio: bool, relevance: bool) -> CacheInfo:
                              f"rebuild it with `{hints[name]} --cache {root} --overwrite`.")
         if group[DONE].shape[0] != len(manifest):
             raise ValueError(f"{path} holds {group[DONE].shape[0]} videos but the manifest has {len(manifest)}")
+        _check_integrity(path, group, f"{hints[name]} --cache {root}")
         stores[name] = path
         provenance[name] = prov
     frames = zarr.open_group(stores[FRAMES_STORE], mode="r")
@@ -119,6 +120,18 @@ def open_cache(cache: str | Path, *, audio: bool, relevance: bool) -> CacheInfo:
     prov = {"manifest_sha256": manifest.sha256, "labels": list(manifest.labels), "stores": provenance}
     return CacheInfo(root=root, manifest=manifest, stores=stores, frames_T=int(T), frame_size=(int(H), int(W)),
                      flow_bound=bound, window_s=window_s, audio_dim=audio_dim, provenance=prov)
+
+
+def _check_integrity(path: Path, group: zarr.Group, rebuild: str) -> None:
+    """Refuse a store whose chunks carry no checksum, or in which a chunk of a done video is missing
+    (zarr would read it as the fill value, silently); cheap: shard indexes only."""
+    from imdpipe.pipeline.integrity import check_done_chunks, has_checksum
+
+    unchecked = sorted(n for n, a in group.arrays() if not has_checksum(a))
+    if unchecked:
+        raise ValueError(f"{path} was built without chunk checksums ({', '.join(unchecked)}), so a damaged "
+                         f"chunk would be read as data; rebuild it with `{rebuild} --overwrite`.")
+    check_done_chunks(path, group)
 
 
 def relevance_settings(info: CacheInfo) -> dict:
@@ -149,7 +162,7 @@ def compare_provenance(trained: dict, cache: dict) -> tuple[list[str], list[str]
             if key == "settings":
                 a, b = prov["settings"], other.get("settings", {})
                 for sk in sorted(set(a) | set(b)):
-                    if sk == "videos_per_shard":
+                    if sk in ("videos_per_shard", "chunk_checksum"):
                         continue  # storage layout, not content
                     if a.get(sk) != b.get(sk):
                         problems.append(f"{name} setting {sk}: run has {a.get(sk)!r}, cache has {b.get(sk)!r}")
@@ -398,6 +411,7 @@ class ClipDataset(Dataset):
         self.flow_bound, self.window_s = info.flow_bound, info.window_s
         self.audio_dim = info.audio_dim
         records = info.manifest.records
+        self.video_ids = [r.video_id for r in records]
         self.fps = {i: records[i].fps for i in self.indices}
         self.labels = {i: records[i].label for i in self.indices}
         self.class_pool: dict[int, list[int]] = {}
@@ -409,6 +423,7 @@ class ClipDataset(Dataset):
             raise ValueError("relevance.zarr is needed for relevance targets")
         self._pid = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._reading = ""  # the array read last, named when a chunk fails to decode
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -425,6 +440,7 @@ class ClipDataset(Dataset):
     def _array(self, name: str) -> zarr.Array:
         if self._pid != os.getpid():  # first use in this process (or after a fork)
             self._arrays, self._pid = {}, os.getpid()
+        self._reading = name
         arr = self._arrays.get(name)
         if arr is None:
             store, key = name.split("/")
@@ -461,7 +477,38 @@ class ClipDataset(Dataset):
     # -- items ---------------------------------------------------------------------------------
     def __getitem__(self, item: int) -> dict:
         index = self.indices[item]
-        return self._train_item(index) if self.mode == "train" else self._eval_item(index)
+        try:
+            return self._train_item(index) if self.mode == "train" else self._eval_item(index)
+        except Exception as e:
+            if not _raised_by_zarr(e):
+                raise
+            raise self._damaged(e, index) from e
+
+    def _damaged(self, error: Exception, index: int) -> StoreDamaged:
+        """A chunk failed to decode (checksum mismatch, truncated shard): name the store, array and videos."""
+        from imdpipe.pipeline.integrity import Damage, damage_message
+
+        name = self._reading
+        store, key = name.split("/")
+        arr = self._array(name)
+        k = arr.shards[0] if arr.shards is not None else arr.chunks[0]
+        bad = []
+        try:
+            arr[index]
+        except Exception:  # noqa: BLE001 - this video's own chunk
+            bad = [index]
+        for s in range(0, arr.shape[0], k) if not bad else ():
+            try:
+                arr[s:s + k]
+            except Exception:  # noqa: BLE001 - some video of this shard
+                for v in range(s, min(s + k, arr.shape[0])):
+                    try:
+                        arr[v]
+                    except Exception:  # noqa: BLE001
+                        bad.append(v)
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        damage = [Damage(key, v, "corrupt", detail) for v in bad] or [Damage(key, index, "corrupt", detail)]
+        return StoreDamaged(damage_message(self.stores[store], damage, video_ids=self.video_ids, cache=self.root))
 
     def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
         y0, x0, h, w = box
@@ -508,6 +555,16 @@ class ClipDataset(Dataset):
                          window_s=self.window_s)
         out.update(label=self.labels[index], index=index)
         return out
+
+
+def _raised_by_zarr(error: BaseException) -> bool:
+    """Whether an exception comes from decoding a chunk (zarr, its codecs), not from this module."""
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and any(f"{sep}{pkg}{sep}" in last for pkg in ("zarr", "numcodecs", "google_crc32c")
+                                    for sep in ("/", "\\"))
 
 
 def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: np.ndarray, fps: float,

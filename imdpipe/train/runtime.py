@@ -106,10 +106,43 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename (a kill never leaves half a checkpoint)."""
+    """``torch.save`` to a temporary file, then rename (a kill never leaves half a checkpoint).
+
+    Raises:
+        DiskFull: the disk filled up; the temporary file is removed and the previous checkpoint
+            at ``path`` is untouched.
+    """
+    from imdpipe.pipeline.store import DiskFull, human_bytes, is_disk_full
+
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc:672] .
+        # unexpected pos 576 vs 534" (its zip writer checks how much each write stored)
+        if is_disk_full(e) or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):
+            need = _state_bytes(state)
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise DiskFull(f"disk full writing {path}: the checkpoint needs about {human_bytes(need)} and only "
+                           f"{human_bytes(written)} fit; {kept}. Free that much space (or use another --out), "
+                           f"then rerun with --resume.") from e
+        raise
+
+
+def _state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -703,7 +703,11 @@ def _run_round(store: StageStore, produce: Produce, batch: list, pending_by_shar
             summary.ok += 1
         pending_by_shard[key].discard(index)
         if not pending_by_shard[key]:
-            store.write_block(key[0], key[1], rows, errs, written)
+            try:
+                store.write_block(key[0], key[1], rows, errs, written)
+            except OSError:
+                pending_by_shard[key] = {*rows, *errs, *written}  # not written: still to do
+                raise
             del buffers[key], pending_by_shard[key]
         progress.advance(task)
     left = sorted(i for key in batch for i in pending_by_shard.get(key, ()))

@@ -69,7 +69,7 @@ _stages:
 	$(if $(STAGE_LAUNCH),$(STAGE_LAUNCH),$(IMDPIPE)) extract-audio --cache $(CACHE) --model $(AUDIO_MODEL)
 	$(IMDPIPE) build-savld --cache $(CACHE) $(SAVLD_OPTS)
 	$(TRAIN) --cache $(CACHE) --out $(RUN) $(PAPER_TRAIN)
-	$(IMDPIPE) evaluate --run $(RUN) --cache $(CACHE) --split $(EVAL_SPLIT)
+	$(IMDPIPE) evaluate --run-dir $(RUN) --cache $(CACHE) --split $(EVAL_SPLIT)
 
 k400: setup _check_paths  ## DATA=videos under DATA (any depth) + K400_ANNOTATIONS csv files
 	$(IMDPIPE) index $(DATA) --cache $(CACHE) $(foreach a,$(K400_ANNOTATIONS),--annotations $(a)) --labels kinetics400

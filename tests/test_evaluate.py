@@ -45,7 +45,7 @@ def test_evaluate_cli_twelve_views_writes_metrics(trained, tmp_path):
 
     cache, run = trained
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--cache", str(cache), "--split", "test",
+    result = CliRunner().invoke(app, ["evaluate", "--run-dir", str(run), "--cache", str(cache), "--split", "test",
                                       "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())

@@ -46,7 +46,7 @@ def test_predict_cli_prints_five_classes(run_and_videos):
     from imdpipe.cli.main import app
 
     run, _, videos = run_and_videos
-    result = CliRunner().invoke(app, ["predict", "--run", str(run), str(videos[0]), str(videos[1])],
+    result = CliRunner().invoke(app, ["predict", "--run-dir", str(run), str(videos[0]), str(videos[1])],
                                 env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     for video in videos[:2]:

@@ -135,7 +135,7 @@ _derive_signature(train_cmd)
 
 def evaluate_cmd(
     run: Annotated[Path, typer.Option(
-        "--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
+        "--run-dir", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
     cache: CacheOpt,
     split: Annotated[str, typer.Option("--split", help="Manifest split to score.")] = "test",
     crops: Annotated[int, typer.Option("--crops", min=1, help="Spatial crops per clip: left/centre/right of the "
@@ -170,7 +170,7 @@ def evaluate_cmd(
 def predict_cmd(
     videos: Annotated[list[Path], typer.Argument(help="Video files to classify.")],
     run: Annotated[Path, typer.Option(
-        "--run", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
+        "--run-dir", help="Run directory written by `imdpipe train` (or a checkpoint file).")],
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     clips: Annotated[int, typer.Option("--clips", min=1, help="Temporal clips per video (paper: 4).")] = 4,
     crops: Annotated[int, typer.Option("--crops", min=1, help="Spatial crops per clip (paper: 3).")] = 3,

@@ -17,7 +17,8 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
 
     Args:
         name: ``"auto"`` or None (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` (this
-            process's GPU) or ``"cuda:N"``.
+            process's GPU, so torchrun ranks do not all land on GPU 0) or ``"cuda:N"``. A CUDA
+            device is made the current one (``torch.cuda.set_device``).
         local_rank: the GPU ``"cuda"`` means (default: torchrun's ``LOCAL_RANK``, else 0).
 
     Raises:
@@ -32,6 +33,7 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
         raise RuntimeError(f"device {str(name)!r} asked for but torch sees no CUDA GPU; use --device cpu")
     if device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank)
+    torch.cuda.set_device(device)  # kernels and allocations without an explicit index follow it
     return device
 
 

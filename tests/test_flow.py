@@ -28,7 +28,7 @@ from imdpipe.pipeline.flow import (
     flow_pair,
     sample_positions,
 )
-from imdpipe.pipeline.flow_utils import dequantize, quantize
+from imdpipe.pipeline.flow_utils import FLOW_BOUND, dequantize, quantize
 from imdpipe.pipeline.manifest import VideoRecord, write_manifest
 from imdpipe.pipeline.media import write_mp4
 from imdpipe.pipeline.store import SettingsMismatch
@@ -455,6 +455,21 @@ def test_raft_batches_pairs_across_videos_like_per_video_calls(tmp_path):
         assert np.array_equal(g["frame_index"][i], row["frame_index"])
     # RAFT gives different flow for different videos (the batching did not mix them up)
     assert not np.array_equal(g["flow"][0], g["flow"][1])
+
+
+def test_raft_quantizes_on_the_device_exactly_like_the_host():
+    from torchvision.models.optical_flow import raft_small
+
+    from imdpipe.pipeline.flow import raft_flow
+
+    torch.manual_seed(0)
+    model = raft_small(weights=None).eval()
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (2, 36, 44, 3), dtype=np.uint8) for _ in range(2))
+    px = raft_flow(model, first, second, iters=1)
+    codes = raft_flow(model, first, second, iters=1, bound=FLOW_BOUND)
+    assert px.dtype == np.float32 and codes.dtype == np.uint8 and codes.shape == (2, 36, 44, 2)
+    assert np.array_equal(codes, quantize(px, FLOW_BOUND))
 
 
 def test_raft_without_weights_offline_says_what_to_do(tmp_path, monkeypatch):

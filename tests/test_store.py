@@ -124,3 +124,44 @@ def test_progress_bar_and_summary_render(tmp_path):
     text = buf.getvalue()
     assert "videos/s" in text and "10/10" in text
     assert "failed" in text and "v1: ValueError: bad video 1 [Errno 2]" in text
+
+
+def test_background_writes_give_the_same_store_from_another_thread(tmp_path, monkeypatch):
+    import threading
+
+    fg = _open(tmp_path / "fg.zarr")
+    run_stage(fg, _produce(fail={6}), eligible=range(10), names=[""] * 10, show_progress=False)
+    writers = []
+    original = StageStore.write_block
+
+    def recording(self, *a, **k):
+        writers.append(threading.get_ident())
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(StageStore, "write_block", recording)
+    bg = _open(tmp_path / "bg.zarr")
+    summary = run_stage(bg, _produce(fail={6}), eligible=range(10), names=[""] * 10, show_progress=False,
+                        background_writes=True)
+    assert (summary.ok, summary.failed) == (9, 1)
+    assert len(writers) == 3 and threading.get_ident() not in writers  # 3 shards, none written by the caller
+    again = _open(tmp_path / "bg.zarr")  # every write finished before run_stage returned
+    np.testing.assert_array_equal(again["x"][:], fg["x"][:])
+    assert again.done_mask().tolist() == fg.done_mask().tolist() and again.errors()[6] == fg.errors()[6]
+
+
+def test_a_failed_background_write_is_raised_and_other_shards_stay_done(tmp_path, monkeypatch):
+    original = StageStore.write_block
+
+    def disk_full_on_second_shard(self, start, stop, *a, **k):
+        if start == 4:
+            raise OSError(28, "No space left on device")
+        return original(self, start, stop, *a, **k)
+
+    monkeypatch.setattr(StageStore, "write_block", disk_full_on_second_shard)
+    store = _open(tmp_path / "s.zarr")
+    with pytest.raises(OSError, match="disk full") as e:
+        run_stage(store, _produce(), eligible=range(10), names=[""] * 10, show_progress=False,
+                  background_writes=True)
+    assert "4 video(s) left" in str(e.value)  # the shard that failed in the thread counts as left to do
+    done = _open(tmp_path / "s.zarr").done_mask()
+    assert done[:4].all() and not done[4:8].any() and done[8:].all()  # recomputed on the next run

@@ -32,12 +32,14 @@ def extract_audio_cmd(
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per model forward.")] = 8,
         workers: Annotated[int | None, typer.Option("--workers", min=0, help=(
             "DataLoader worker processes decoding audio and computing fbanks (0 = inline). Default: 0 on "
-            "CPU (a worker competes with the model for the cores), up to 4 on CUDA."))] = None,
+            "CPU (a worker competes with the model for the cores); on CUDA up to 4 within this process's "
+            "share of the cores (cores / LOCAL_WORLD_SIZE under torchrun)."))] = None,
         dtype: Annotated[str | None, typer.Option("--dtype", help=(
             "float32 or bfloat16 (autocast). Default: bfloat16 on CUDA, float32 on CPU. Recorded in "
             "the store; a store built with another dtype is refused."))] = None,
-        device: Annotated[str | None, typer.Option("--device", help="Torch device (default: cuda when "
-                                                                       "available, else cpu).")] = None,
+        device: Annotated[str | None, typer.Option("--device", help=(
+            "Torch device (default: cuda when available, else cpu). cuda means cuda:LOCAL_RANK under "
+            "torchrun (one GPU per process)."))] = None,
         shard: ShardOpt = None,
         overwrite: OverwriteOpt = False,
         strict: StrictOpt = False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -54,13 +53,14 @@ def extract_flow_cmd(
             "--flow-weights", help="RAFT weights: a state_dict file saved with torch.save. Without it, "
                                    "torchvision's pretrained weights are used when cached or online.")] = None,
         device: Annotated[str | None, typer.Option(
-            "--device", help="Torch device for RAFT (cuda, cuda:1, cpu). Default: cuda if available "
-                             "(with torchrun: cuda:LOCAL_RANK), else cpu.")] = None,
-        workers: Annotated[int, typer.Option(
-            "--workers", min=0, help="CPU backends: processes each computing and writing a whole shard "
-                                     "(--videos-per-shard videos). RAFT: DataLoader workers decoding videos. "
-                                     "0 = in the main process. Default: the number of CPU cores.")
-        ] = os.cpu_count() or 1,
+            "--device", help="Torch device for RAFT (cuda, cuda:1, cpu). Default: cuda if available, else "
+                             "cpu; cuda means cuda:LOCAL_RANK under torchrun (one GPU per process).")] = None,
+        workers: Annotated[int | None, typer.Option(
+            "--workers", min=0, show_default=False,
+            help="CPU backends: processes each computing and writing a whole shard (--videos-per-shard "
+                 "videos). RAFT: DataLoader workers decoding videos. 0 = in the main process. Default: "
+                 "this process's share of the CPU cores (cores / LOCAL_WORLD_SIZE: under torchrun each "
+                 "of the node's processes gets its share).")] = None,
         batch_size: Annotated[int, typer.Option(
             "--batch-size", min=1, help="RAFT: frame pairs per forward pass (pairs from several videos "
                                         "are batched). Lower it on out-of-memory.")] = 32,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import warnings
 from collections import deque
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from imdpipe.devices import autocast, select_device
+from imdpipe.launch import cores_per_process
 from imdpipe.pipeline.manifest import read_manifest
 from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, run_stage
 
@@ -494,6 +494,12 @@ def audio_settings(info: dict, *, windows: int) -> dict:
     }
 
 
+def default_workers(device: torch.device) -> int:
+    """Decoding workers: 0 on CPU (they would compete with the model), else up to 4 of this
+    process's cores (cores / LOCAL_WORLD_SIZE under torchrun)."""
+    return min(4, cores_per_process()) if device.type == "cuda" else 0
+
+
 def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windows: int = 1,
                   batch_size: int = 8, workers: int | None = None, dtype: str | None = None, device=None,
                   shard: str | Partition | None = None, overwrite: bool = False, strict: bool = False,
@@ -507,10 +513,12 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
         batch_size: windows per model forward.
         workers: DataLoader worker processes decoding audio and computing fbanks (0 = inline).
             Default: 0 on CPU, where a worker competes with the model for the cores (2 cores,
-            AST-base bf16: stage/bare forward 0.82 with 1 worker, 1.13 inline), and up to 4 on
-            CUDA, where they keep the GPU fed.
+            AST-base bf16: stage/bare forward 0.82 with 1 worker, 1.13 inline), and on CUDA up to
+            4 within this process's share of the cores (cores / LOCAL_WORLD_SIZE under torchrun),
+            where they keep the GPU fed.
         dtype: ``float32`` or ``bfloat16`` autocast (default: bf16 on CUDA, fp32 on CPU).
-        device: torch device (default: CUDA when available).
+        device: torch device (default: CUDA when available). ``cuda`` means ``cuda:LOCAL_RANK``
+            under torchrun, made the current device.
         shard: ``"i/n"`` or a Partition: process only this writer's shards.
         overwrite: rebuild the store from nothing.
         strict: accepted for the CLI's exit code; failures are always recorded.
@@ -530,8 +538,7 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
     manifest = read_manifest(cache)
     part = shard if isinstance(shard, Partition) else Partition.parse(shard)
     dev = select_device(device)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0
+    workers = default_workers(dev) if workers is None else workers
     net, fe, info = load_audio_model(model, device=dev, dtype=dtype)
     settings = audio_settings(info, windows=windows)
     d, c = info["hidden_size"], info["num_labels"]

@@ -18,8 +18,9 @@ torchvision RAFT (default on CUDA when weights are available; runs on CPU too, n
 CPU backends run whole shards in a process pool: a worker computes every pending video of its
 shard and stores their data itself (:func:`extract_shard`), so frames never cross a process
 boundary; the main process writes the done/error flags after it. RAFT decodes in DataLoader
-workers, batches frame pairs from several videos on the device and the main process writes whole
-shards, both through :func:`imdpipe.pipeline.store.run_stage`.
+workers, batches frame pairs from several videos on the device, quantizes there, and whole
+shards are written from a background thread while the device computes the next batches, both
+through :func:`imdpipe.pipeline.store.run_stage`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from imdpipe.launch import cores_per_process
 from imdpipe.pipeline.flow_utils import DEQUANT_FORMULA, FLOW_BOUND, QUANT_FORMULA, quantize
 
 STAGE = "flow"
@@ -403,12 +405,16 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def raft_flow(model, first: np.ndarray, second: np.ndarray, *, iters: int = 12, device="cpu"):
-    """RAFT flow for a batch of RGB uint8 pairs (B, H, W, 3) -> (B, H, W, 2) float32 numpy.
+def raft_flow(model, first: np.ndarray, second: np.ndarray, *, iters: int = 12, device="cpu",
+              bound: float | None = None):
+    """RAFT flow for a batch of RGB uint8 pairs (B, H, W, 3) -> (B, H, W, 2) numpy.
 
     Frames are scaled to [-1, 1] (torchvision's Raft weights transforms) and replicate-padded,
     centred, to multiples of 8 and at least 128x128 (RAFT's 1/8-resolution features must survive
-    its 4-level correlation pyramid); the flow is cropped back.
+    its 4-level correlation pyramid); the flow is cropped back. With ``bound`` the flow is
+    quantized on the device (:func:`~imdpipe.pipeline.flow_utils.quantize`, torch branch) and
+    the uint8 codes come back: a quarter of the bytes to copy and no host-side quantize;
+    without it, float32 pixels.
     """
     import torch
     import torch.nn.functional as F
@@ -425,8 +431,9 @@ def raft_flow(model, first: np.ndarray, second: np.ndarray, *, iters: int = 12, 
         a, b = F.pad(a, pad, mode="replicate"), F.pad(b, pad, mode="replicate")
     with torch.inference_mode():
         flow = model(a, b, num_flow_updates=iters)[-1]  # (B, 2, H', W')
-    flow = flow[:, :, pad[2]:pad[2] + h, pad[0]:pad[0] + w]
-    return flow.permute(0, 2, 3, 1).float().cpu().numpy()
+    flow = flow[:, :, pad[2]:pad[2] + h, pad[0]:pad[0] + w].permute(0, 2, 3, 1)
+    flow = quantize(flow, bound) if bound is not None else flow.float()
+    return flow.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +453,10 @@ def flow_for_video(video: DecodedVideo, settings: FlowSettings, *, device="cpu",
     if settings.backend == "raft":
         if raft_model is None:
             raise ValueError("backend raft needs raft_model (see build_raft)")
-        fl = raft_flow(raft_model, np.stack([video.images[a] for a, _ in pairs]),
-                       np.stack([video.images[b] for _, b in pairs]), iters=settings.raft_iters, device=device)
-        pair_codes = dict(zip(pairs, quantize(fl, settings.bound)))
+        codes = raft_flow(raft_model, np.stack([video.images[a] for a, _ in pairs]),
+                          np.stack([video.images[b] for _, b in pairs]), iters=settings.raft_iters, device=device,
+                          bound=settings.bound)
+        pair_codes = dict(zip(pairs, codes))
     else:
         fn = _cpu_flow_fn(settings)
         gray = {i: _gray(im) for i, im in video.images.items()}
@@ -627,8 +635,8 @@ def raft_producer(settings: FlowSettings, paths: Sequence[str], *, model, device
         def run_batch(items):
             first = np.stack([videos[i].images[p[0]] for i, p in items])
             second = np.stack([videos[i].images[p[1]] for i, p in items])
-            out = raft_flow(model, first, second, iters=settings.raft_iters, device=device)
-            for (i, p), f in zip(items, quantize(out, settings.bound)):
+            codes = raft_flow(model, first, second, iters=settings.raft_iters, device=device, bound=settings.bound)
+            for (i, p), f in zip(items, codes):
                 flows[i][p] = f
 
         def finished():
@@ -737,9 +745,11 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         preset: DIS preset.
         raft_variant: large or small.
         raft_iters: RAFT recurrent updates.
-        workers: CPU pool processes / RAFT DataLoader workers (None = CPU count; 0 = main process).
+        workers: CPU pool processes / RAFT DataLoader workers (None = this process's share of
+            the cores: cores / LOCAL_WORLD_SIZE under torchrun; 0 = main process).
         batch_size: frame pairs per RAFT forward pass.
-        device: torch device for RAFT (None: cuda if available, else cpu).
+        device: torch device for RAFT (None: cuda if available, else cpu; ``cuda`` is
+            ``cuda:LOCAL_RANK`` under torchrun, made the current device).
         flow_weights: RAFT state_dict file.
         shard: ``"i/n"`` or a Partition; None uses torchrun's RANK/WORLD_SIZE.
         overwrite: rebuild the store from nothing.
@@ -760,7 +770,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     cache = Path(cache)
     manifest = read_manifest(cache)
     part = shard if isinstance(shard, Partition) else Partition.parse(shard)
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    workers = cores_per_process() if workers is None else int(workers)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chosen, reason = resolve_backend(backend, device=device, flow_weights=flow_weights, raft_variant=raft_variant)
@@ -768,16 +778,21 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                             raft_variant=raft_variant, raft_iters=raft_iters)
     model = None
     if chosen == "raft":
+        import torch
+
         from imdpipe.devices import select_device
 
         dev = select_device(device)
-        if dev.type != "cuda":
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch but the last has one shape
+        else:
             console.print("[yellow]RAFT on CPU is slow; for CPU runs prefer --backend dis[/yellow]")
         model, wid = build_raft(raft_variant, weights=flow_weights, device=dev)
         settings = replace(settings, raft_weights=wid)
         device = dev
     console.print(f"flow backend: [bold]{settings.describe()}[/bold] ({reason}); T={frames}, "
-                  f"size {size[0]}x{size[1]}, shard {part}")
+                  f"size {size[0]}x{size[1]}, shard {part}, {workers} worker(s)"
+                  + (f" on {device}" if chosen == "raft" else ""))
     store = open_frames_store(cache, settings, manifest, videos_per_shard=videos_per_shard, overwrite=overwrite)
     paths = [_resolve_path(cache, r.path) for r in manifest.records]
     if chosen == "raft":
@@ -791,9 +806,11 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
             console.print(f"[yellow]only {len(todo)} shard(s) of {store.videos_per_shard} videos to compute for "
                           f"{workers} workers (a worker takes a whole shard): a smaller --videos-per-shard "
                           f"would use every core (new stores only)[/yellow]")
+    # RAFT: the main process feeds the device, so whole shards are written from a background thread
     summary = run_stage(store, produce, eligible=manifest.ok_indices(), names=paths, part=part,
                         description=f"flow [{settings.describe()}]", console=console,
-                        show_progress=show_progress, shards_per_round=4 * max(workers, 1))
+                        show_progress=show_progress, shards_per_round=4 * max(workers, 1),
+                        background_writes=chosen == "raft")
     print_summary(summary, console)
     return summary
 

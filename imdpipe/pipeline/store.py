@@ -165,7 +165,7 @@ class Partition:
 
     @classmethod
     def parse(cls, text: str | None) -> Partition:
-        """Parse ``"i/n"``; ``None`` falls back to torchrun's RANK/WORLD_SIZE, else ``0/1``."""
+        """Parse ``"i/n"``; ``None`` falls back to :meth:`from_env`."""
         if text is None or text == "":
             return cls.from_env()
         try:
@@ -176,9 +176,10 @@ class Partition:
 
     @classmethod
     def from_env(cls) -> Partition:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        return cls(rank, world) if world > 1 else cls()
+        """torchrun's RANK/WORLD_SIZE, else a Slurm array task, else everything (0/1)."""
+        from imdpipe.launch import shard_from_env
+
+        return cls(*shard_from_env())
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -574,7 +575,8 @@ def claim_shard(store_path: str | Path, start: int, *, wait: bool = False) -> It
 
 def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], names: Sequence[str],
               part: Partition = Partition(), description: str = "", unit: str = "video",
-              console=None, show_progress: bool = True, shards_per_round: int = 8) -> Summary:
+              console=None, show_progress: bool = True, shards_per_round: int = 8,
+              background_writes: bool = False) -> Summary:
     """Compute every pending video this writer owns and write it, one whole shard at a time.
 
     Shards are claimed (:class:`ShardClaim`) ``shards_per_round`` at a time, then handed to
@@ -598,6 +600,10 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
         console: a ``rich.console.Console`` (default: stderr).
         show_progress: draw a progress bar.
         shards_per_round: shards claimed and computed per call of ``produce``.
+        background_writes: write finished shards from one background thread (at most
+            :data:`MAX_QUEUED_SHARDS` waiting), so the producer (a GPU) keeps computing while a
+            shard is compressed and written. A round's writes finish before its claims are
+            released, and a failed write is raised as if written inline.
 
     Raises:
         DiskFull: the disk filled up (the message names the path and the space needed); every
@@ -633,7 +639,8 @@ def run_stage(store: StageStore, produce: Produce, *, eligible: Sequence[int], n
                     progress.update(task, total=summary.ok + summary.failed
                                     + sum(len(v) for v in pending_by_shard.values()))
                     if batch:
-                        _run_round(store, produce, batch, pending_by_shard, names, summary, progress, task)
+                        _run_round(store, produce, batch, pending_by_shard, names, summary, progress, task,
+                                   background_writes)
                 finally:
                     for claim in held:
                         claim.release()
@@ -679,8 +686,17 @@ def _claim_round(store: StageStore, queue: list, busy: list, held: list, pending
 
 
 def _run_round(store: StageStore, produce: Produce, batch: list, pending_by_shard: dict, names, summary: Summary,
-               progress, task) -> None:
-    """Produce and write the claimed shards of one round."""
+               progress, task, background_writes: bool = False) -> None:
+    """Produce and write the claimed shards of one round (every write done when this returns)."""
+    with _ShardWriter(store, pending_by_shard, background_writes) as writer:
+        _produce_round(produce, batch, pending_by_shard, names, summary, progress, task, writer)
+    left = sorted(i for key in batch for i in pending_by_shard.get(key, ()))
+    if left:
+        raise RuntimeError(f"produce() never yielded indices {left[:10]}...")
+
+
+def _produce_round(produce: Produce, batch: list, pending_by_shard: dict, names, summary: Summary, progress, task,
+                   writer: _ShardWriter) -> None:
     shard_of = {i: key for key in batch for i in pending_by_shard[key]}
     buffers: dict[tuple[int, int], tuple[dict, dict, list]] = {k: ({}, {}, []) for k in batch}
     for index, result in produce(sorted(shard_of)):
@@ -703,16 +719,54 @@ def _run_round(store: StageStore, produce: Produce, batch: list, pending_by_shar
             summary.ok += 1
         pending_by_shard[key].discard(index)
         if not pending_by_shard[key]:
-            try:
-                store.write_block(key[0], key[1], rows, errs, written)
-            except OSError:
-                pending_by_shard[key] = {*rows, *errs, *written}  # not written: still to do
-                raise
             del buffers[key], pending_by_shard[key]
+            writer.write(key, rows, errs, written)
         progress.advance(task)
-    left = sorted(i for key in batch for i in pending_by_shard.get(key, ()))
-    if left:
-        raise RuntimeError(f"produce() never yielded indices {left[:10]}...")
+
+
+#: finished shards waiting for the background writer; the producer blocks beyond this (bounds memory)
+MAX_QUEUED_SHARDS = 2
+
+
+class _ShardWriter:
+    """``store.write_block`` now, or from one background thread with a bounded queue.
+
+    A shard whose write fails is put back into ``pending_by_shard`` (still to do), then the
+    error is raised: inline at once, from the thread at the next :meth:`write` or on exit.
+    """
+
+    def __init__(self, store: StageStore, pending_by_shard: dict, background: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.pending_by_shard = store, pending_by_shard
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") if background else None
+        self.queued: list = []
+
+    def _write(self, key: tuple[int, int], rows: dict, errs: dict, written: list) -> None:
+        try:
+            self.store.write_block(key[0], key[1], rows, errs, written)
+        except OSError:
+            self.pending_by_shard[key] = {*rows, *errs, *written}  # not written: still to do
+            raise
+
+    def write(self, key: tuple[int, int], rows: dict, errs: dict, written: list) -> None:
+        if self.pool is None:
+            self._write(key, rows, errs, written)
+            return
+        while len(self.queued) >= MAX_QUEUED_SHARDS:
+            self.queued.pop(0).result()  # raises a failed write here
+        self.queued.append(self.pool.submit(self._write, key, rows, errs, written))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # also when the producer failed: finished shards stay written
+            if exc[0] is None:
+                for future in self.queued:
+                    future.result()
+        return False
 
 
 def _disk_full(store: StageStore, error: OSError, left: int) -> DiskFull:

@@ -340,7 +340,7 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_states(ckpt["rng"])
+        set_rng_states(ckpt["rng"], device)
         run.start_epoch, run.step, run.best = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best")
         run.history = [r for r in _read_metrics(out / METRICS_NAME) if r["epoch"] <= ckpt["epoch"]]
     if ddp.enabled:
@@ -415,7 +415,7 @@ def _checkpoint(run: _Run, epoch: int, rec: dict) -> None:
     run.history.append(rec)
     _append_metric(run.out / METRICS_NAME, rec)
     state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "rng": rng_states(), "epoch": epoch, "step": run.step,
+             "scheduler": run.scheduler.state_dict(), "rng": rng_states(run.device), "epoch": epoch, "step": run.step,
              "best": run.best, "config": run.config.to_dict(), "model_config": _model_config_dict(run.model_cfg),
              "provenance": run.info.provenance, "labels": list(run.info.labels), "metrics": rec}
     save_checkpoint(state, run.out / CHECKPOINT_LAST)

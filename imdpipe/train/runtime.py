@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +40,27 @@ def derived_seed(*parts: int) -> int:
                % (2**63 - 1))
 
 
-def rng_states() -> dict:
+def rng_states(device: torch.device | None = None) -> dict:
+    """Python, numpy and torch CPU RNG states, plus the CUDA state of ``device`` only.
+
+    Only this process's GPU: ``get_rng_state_all`` would touch (and create a context on) every
+    visible GPU from every rank.
+    """
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device | None = None) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # checkpoints written before: one state per visible GPU
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 @dataclass
@@ -88,19 +97,27 @@ class Dist:
             dist.destroy_process_group()
 
 
-def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """Join the torchrun group described by RANK / WORLD_SIZE / LOCAL_RANK (gloo on CPU, NCCL on CUDA)."""
+DEFAULT_DIST_TIMEOUT_MIN = 30.0
+
+
+def init_distributed(device_name: str = "auto", *, timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN
+                     ) -> tuple[Dist, torch.device]:
+    """Join the torchrun group described by RANK / WORLD_SIZE / LOCAL_RANK (gloo on CPU, NCCL on CUDA).
+
+    ``timeout_min`` bounds how long a collective waits for the slowest rank (NCCL's default is
+    10 minutes); work one rank does alone between collectives (a checkpoint write) must stay
+    below it.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = select_device(device_name, local_rank)
+    device = select_device(device_name)
     if world <= 1:
         return Dist(), device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=timeout_min))
         here = True
     return Dist(rank=rank, world=world, local_rank=local_rank, initialized_here=here), device
 

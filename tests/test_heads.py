@@ -201,6 +201,72 @@ def test_train_and_eval_agree_without_dropout():
     assert torch.equal(logits_t, logits_e) and torch.equal(rev_t, rev_e)
 
 
+LOGITS = [5.0, 6.0, 6.5, 8.0, 10.0, 15.0]
+
+
+@pytest.mark.parametrize("target", [0.0, 0.9])
+def test_relevance_gradient_survives_bf16_autocast(target):
+    """The relevance logit is float32 under bf16 autocast, so BCE-with-logits keeps its gradient.
+
+    The relevance network's MLP is zeroed (its residual passes ``z`` through) and the projection
+    reads coordinate 0, so clip i's logit is ``z[i, 0] = L_i``; the BCE's gradient on it is
+    ``sigmoid(L_i) - t``, computed in float64 as the reference.
+    """
+    from imdpipe.heads.fusion import RelevanceNetwork
+
+    net = RelevanceNetwork(8)
+    with torch.no_grad():
+        net.mlp.fc2.weight.zero_(), net.mlp.fc2.bias.zero_()
+        net.proj.weight.zero_(), net.proj.bias.zero_()
+        net.proj.weight[0, 0] = 1.0
+    z = torch.zeros(len(LOGITS), 8, dtype=torch.bfloat16)
+    z[:, 0] = torch.tensor(LOGITS)  # exact in bf16
+    z.requires_grad_(True)
+    targets = torch.full((len(LOGITS),), target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logit = net.forward_logit(z)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, targets, reduction="sum")
+    assert logit.dtype == torch.float32 and logit.tolist() == LOGITS
+    loss.backward()
+    expected = torch.sigmoid(torch.tensor(LOGITS, dtype=torch.float64)) - target
+    per_clip = z.grad[:, 0].double()  # back in z's bf16
+    assert (per_clip.abs() > 0.05).all(), per_clip  # non-zero for every logit up to 15
+    assert torch.allclose(per_clip, expected, rtol=1e-2)
+    assert float(net.proj.bias.grad) == pytest.approx(float(expected.sum()), rel=1e-6)  # float32 all the way
+
+
+def test_whole_model_under_bf16_autocast_gives_a_float32_relevance_logit():
+    model = build_model(make_cfg("imd"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, rev, rev_logit = model(*make_inputs(), rev_logit=True)
+    assert logits.dtype == torch.bfloat16  # the rest of the model does run in bf16
+    assert rev_logit.dtype == torch.float32 and torch.equal(rev, torch.sigmoid(rev_logit))
+    rev_logit.sum().backward()
+    assert model.fusion.relevance.mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_bf16_sigmoid_then_clamped_bce_loses_the_gradient():
+    """The failure the float32 logit avoids: bf16 sigmoid is exactly 1 from ~6.5, the clamp kills the gradient."""
+    grads = []
+    for logit in LOGITS:
+        x = torch.tensor([logit], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rev = torch.sigmoid(x.bfloat16())
+        loss = torch.nn.functional.binary_cross_entropy(rev.float().clamp(1e-6, 1 - 1e-6), torch.tensor([0.9]))
+        grads.append(float(torch.autograd.grad(loss, x)[0]))
+    assert all(g != 0 for g in grads[:2]) and all(g == 0 for g in grads[2:])
+
+
+def test_relevance_logit_exposed_and_rev_is_its_sigmoid():
+    model = build_model(make_cfg("imd"))
+    logits, rev, rev_logit = model(*make_inputs(), rev_logit=True)
+    assert torch.equal(rev, torch.sigmoid(rev_logit))
+    logits2, rev2 = model(*make_inputs())
+    assert torch.equal(logits, logits2) and torch.equal(rev, rev2)
+    _, no_rev, no_logit = build_model(make_cfg("gmu"))(*make_inputs(), rev_logit=True)
+    assert no_rev is None and no_logit is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------

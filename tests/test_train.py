@@ -245,3 +245,22 @@ def test_two_process_gloo_ddp_trains_in_step(cache, tmp_path):
     train(cache=cache, out=tmp_path / "single", config=cfg, show_progress=False)
     a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_relevance_loss_with_logits_equals_bce_of_rev_in_float32():
+    from imdpipe.train.loop import loss_terms
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    rev_logit = torch.tensor([-8.0, -2.0, -0.3, 0.0, 1.5, 9.0])
+    targets = torch.tensor([0.1, 0.9, 0.1, 0.9, 0.5, 0.9])
+    cfg = TrainConfig(relevance_weight=0.7, label_smoothing=0.0)
+    loss, ce, bce = loss_terms(logits, rev_logit, labels, targets, cfg)
+    rev = torch.sigmoid(rev_logit.double())
+    by_hand = -(targets * rev.log() + (1 - targets) * (1 - rev).log()).mean()
+    assert float(bce) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(bce) == pytest.approx(float(torch.nn.functional.binary_cross_entropy(
+        torch.sigmoid(rev_logit), targets)), rel=1e-5)  # the float32 rev path it replaces (less exact)
+    assert float(loss) == pytest.approx(float(ce) + 0.7 * float(bce), rel=1e-6)
+    _, _, none = loss_terms(logits, None, labels, targets, cfg)
+    assert float(none) == 0.0

@@ -18,6 +18,10 @@ IMD
   and keeps the residual path so the relevance sees the raw embeddings. Alternatives such as
   averaging the sigmoid vector would make ``rev`` a mean of per-channel gates with no single
   logit for the binary cross-entropy of Sec. 3.5.
+* Precision: the projection to the logit runs in float32 with autocast disabled, and the
+  training loss takes the logit (binary cross-entropy with logits). In bf16 the sigmoid rounds
+  to exactly 1.0 from a logit of about 6.5 on, where a clamped BCE on ``rev`` has no gradient
+  left; ``rev`` (the sigmoid) is what masks the audio and what is reported.
 * Eq. 5, thresholding: ``delta = 0 if rev < alpha else rev`` (the printed ``z < alpha`` is read
   as ``rev < alpha``). Scheme ``M`` (masking) multiplies the audio half by ``delta``; scheme
   ``W`` (weighting, Table 4) by ``rev`` always.
@@ -100,7 +104,7 @@ def irrelevant_modality_dropout(
         delta = torch.where(rev < alpha, torch.zeros_like(rev), rev)  # Eq. 5
     else:
         delta = rev
-    return audio * delta[:, None]  # (B, Da), Eq. 7
+    return audio * delta[:, None].to(audio.dtype)  # (B, Da), Eq. 7; thresholded in rev's precision
 
 
 class IrrelevantModalityDropout(nn.Module):
@@ -133,8 +137,11 @@ class RelevanceNetwork(nn.Module):
         self.proj = nn.Linear(dim, 1, **dd)
 
     def forward_logit(self, z: torch.Tensor) -> torch.Tensor:
-        """The relevance logit ``(B,)`` (before the sigmoid)."""
-        return self.proj(self.mlp(self.norm(z)) + z).squeeze(-1)
+        """The relevance logit ``(B,)`` in float32 (before the sigmoid), autocast or not."""
+        h = self.mlp(self.norm(z)) + z
+        with torch.autocast(device_type="cpu" if h.device.type == "meta" else h.device.type, enabled=False):
+            w, b = self.proj.weight, self.proj.bias
+            return torch.nn.functional.linear(h.float(), w.float(), b.float()).squeeze(-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward_logit(z))
@@ -172,11 +179,18 @@ class IMDFusion(nn.Module):
         self.norm = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, hidden_dim or out_dim, out_dim, drop=drop, **dd)
 
-    def forward(self, v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_logit(self, v: torch.Tensor, a: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z_av (B, out_dim), rev (B,), relevance logit (B,))``; rev and the logit in float32."""
         z = torch.cat([a, v], dim=-1)  # (B, Da + Dv); audio first as in Eq. 6
-        rev = self.relevance(z)  # (B,), Eq. 4
+        logit = self.relevance.forward_logit(z)  # (B,), Eq. 4
+        rev = torch.sigmoid(logit)
         z = torch.cat([self.imd(a, rev), v], dim=-1)  # Eqs. 5-7
-        return self.mlp(self.norm(z)), rev  # (B, out_dim), Eq. 8
+        return self.mlp(self.norm(z)), rev, logit  # (B, out_dim), Eq. 8
+
+    def forward(self, v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, rev, _ = self.forward_with_logit(v, a)
+        return z, rev
 
 
 class LateConcatFusion(nn.Module):

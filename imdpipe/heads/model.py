@@ -29,7 +29,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from .audio import AudioBottleneck
-from .fusion import FUSION_LAYERS, SCHEMES
+from .fusion import FUSION_LAYERS, SCHEMES, IMDFusion
 from .visual import FLOW_SCALE, VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
 
 __all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
@@ -139,7 +139,10 @@ class ModelConfig:
 
 
 class MultimodalActionModel(nn.Module):
-    """Streams, audio bottleneck, fusion, classifier: ``forward(rgb, flow, audio) -> (logits, rev)``."""
+    """Streams, audio bottleneck, fusion, classifier: ``forward(rgb, flow, audio) -> (logits, rev)``.
+
+    ``forward(..., rev_logit=True) -> (logits, rev, rev_logit)`` for the training loss.
+    """
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -204,18 +207,30 @@ class MultimodalActionModel(nn.Module):
         self,
         v: torch.Tensor | None,
         a: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Fusion then classifier: ``(logits (B, num_classes), rev (B,) or None)``."""
-        z, rev = self.fusion(v, a)
-        return self.head(self.head_norm(z)), rev
+        *,
+        rev_logit: bool = False,
+    ) -> tuple:
+        """Fusion then classifier: ``(logits (B, num_classes), rev (B,) or None)``.
+
+        With ``rev_logit=True`` a third element: IMD's relevance logit (B,) in float32, the input
+        of the relevance loss (binary cross-entropy with logits), or None for other fusions.
+        """
+        if isinstance(self.fusion, IMDFusion):
+            z, rev, logit = self.fusion.forward_with_logit(v, a)
+        else:
+            (z, rev), logit = self.fusion(v, a), None
+        logits = self.head(self.head_norm(z))
+        return (logits, rev, logit) if rev_logit else (logits, rev)
 
     def forward(
         self,
         rgb: torch.Tensor | None = None,
         flow: torch.Tensor | None = None,
         audio: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.forward_head(*self.forward_features(rgb, flow, audio))
+        *,
+        rev_logit: bool = False,
+    ) -> tuple:
+        return self.forward_head(*self.forward_features(rgb, flow, audio), rev_logit=rev_logit)
 
 
 def build_model(

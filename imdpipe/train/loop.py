@@ -82,12 +82,17 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def loss_terms(logits, rev, labels, targets, config: TrainConfig):
-    """``(loss, ce, bce)``; bce is 0 without a rev (fusions other than IMD)."""
+def loss_terms(logits, rev_logit, labels, targets, config: TrainConfig):
+    """``(loss, ce, bce)``; bce is 0 without a relevance logit (fusions other than IMD).
+
+    The BCE takes IMD's float32 relevance logit (``binary_cross_entropy_with_logits``): the
+    same value as the BCE of ``rev = sigmoid(logit)`` in float32, with a gradient that does
+    not vanish where a bf16 sigmoid rounds to 1.
+    """
     ce = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-    if rev is None or config.relevance_weight == 0 or targets is None:
+    if rev_logit is None or config.relevance_weight == 0 or targets is None:
         return ce, ce.detach(), torch.zeros((), device=ce.device)
-    bce = F.binary_cross_entropy(rev.float().clamp(1e-6, 1 - 1e-6), targets.float())
+    bce = F.binary_cross_entropy_with_logits(rev_logit.float(), targets.float())
     return ce + config.relevance_weight * bce, ce.detach(), bce.detach()
 
 
@@ -377,8 +382,8 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
         labels = batch["label"].to(device)
         targets = batch["target"].to(device) if "target" in batch else None
         with autocast_context(device, config.amp):
-            logits, rev = run.model(rgb, flow, audio)
-        loss, ce, bce = loss_terms(logits, rev, labels, targets, config)
+            logits, _rev, rev_logit = run.model(rgb, flow, audio, rev_logit=True)
+        loss, ce, bce = loss_terms(logits, rev_logit, labels, targets, config)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

@@ -22,7 +22,8 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
         local_rank: the GPU ``"cuda"`` means (default: torchrun's ``LOCAL_RANK``, else 0).
 
     Raises:
-        RuntimeError: CUDA asked for but torch sees no GPU.
+        ValueError: CUDA asked for but torch sees no GPU (a bad ``--device`` value, which every
+            command reports as a one-line error).
     """
     if name is None or name in ("", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +31,7 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(name)!r} asked for but torch sees no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {str(name)!r} asked for but torch sees no CUDA GPU; use --device cpu")
     if device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank)
     torch.cuda.set_device(device)  # kernels and allocations without an explicit index follow it

@@ -160,6 +160,20 @@ def scan_class_folders(root: str | Path) -> list[tuple[str, Path]]:
     return found
 
 
+def broken_links(root: str | Path) -> list[tuple[str, Path]]:
+    """``(class name, path)`` of symbolic links named like videos in ``ROOT/<class>/`` whose target is missing."""
+    root = Path(root)
+    return [(cls.name, p) for cls in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            for p in sorted(cls.iterdir())
+            if p.is_symlink() and not p.exists() and not p.name.startswith(".")
+            and p.suffix.lower() in VIDEO_EXTENSIONS]
+
+
+def _broken_link_error(p: Path) -> str:
+    return (f"{p}: broken symbolic link to {os.readlink(p)} (the target does not exist); restore the target or "
+            f"remove the link")
+
+
 def _refuse_duplicates(pairs: list[tuple[str, str]], what: str) -> None:
     """``pairs`` of (video id, where); refuse any id seen twice, naming all its places."""
     by_id: dict[str, list[str]] = {}
@@ -225,6 +239,9 @@ def read_kinetics_csv(paths: list[Path]) -> list[dict]:
     """Rows of Kinetics annotation CSVs with ``video_id`` = ``<youtube_id>_<start:06d>_<end:06d>``."""
     rows = []
     for path in paths:
+        if not Path(path).is_file():
+            raise DatasetLayoutError(f"--annotations {path}: no such file; pass the Kinetics annotation CSV(s) "
+                                     f"(label,youtube_id,time_start,time_end,split)")
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             need = {"youtube_id", "time_start", "time_end"}
@@ -334,12 +351,15 @@ def _collect(root: Path, annotations, splits, split_id) -> tuple[list[_Entry], s
         return entries, "kinetics400", None
 
     found = scan_class_folders(root)
-    if not found:
+    broken = broken_links(root)  # listed as errors, never skipped silently
+    if not found and not broken:
         raise DatasetLayoutError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) in class folders "
                           f"{root}/<class>/; check ROOT")
-    _refuse_duplicates([(p.stem, str(p)) for _, p in found], f"file names under {root}")
+    _refuse_duplicates([(p.stem, str(p)) for _, p in found + broken], f"file names under {root}")
     if splits is None:
-        return [_Entry(p.stem, str(p.resolve()), cls, SPLIT_ALL) for cls, p in found], None, None
+        return ([_Entry(p.stem, str(p.resolve()), cls, SPLIT_ALL) for cls, p in found]
+                + [_Entry(p.stem, str(p.absolute()), cls, SPLIT_ALL, _broken_link_error(p)) for cls, p in broken],
+                None, None)
 
     kind, table = read_split_files(splits, split_id)
     entries = []
@@ -347,6 +367,10 @@ def _collect(root: Path, annotations, splits, split_id) -> tuple[list[_Entry], s
     for cls, p in found:
         split = table.get(p.stem, (SPLIT_UNUSED, ""))[0]
         entries.append(_Entry(p.stem, str(p.resolve()), cls, split))
+        seen.add(p.stem)
+    for cls, p in broken:
+        entries.append(_Entry(p.stem, str(p.absolute()), cls, table.get(p.stem, (SPLIT_UNUSED, ""))[0],
+                              _broken_link_error(p)))
         seen.add(p.stem)
     for stem, (split, cls) in sorted(table.items()):
         if stem not in seen and split != SPLIT_UNUSED:

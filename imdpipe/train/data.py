@@ -134,6 +134,27 @@ def _check_integrity(path: Path, group: zarr.Group, rebuild: str) -> None:
     check_done_chunks(path, group)
 
 
+def clip_fit_warnings(info: CacheInfo, clip: ClipSpec) -> list[str]:
+    """What a clip asks that the cached frames do not hold: repeated frames, upscaled crops.
+
+    The trainer prints these once and goes on (a short cache is a legitimate choice, a silent
+    one is not).
+    """
+    out = []
+    span = clip_span(clip.num_frames, clip.frame_stride)
+    if span > info.frames_T:
+        out.append(f"--num-frames {clip.num_frames} with --frame-stride {clip.frame_stride} spans {span} cached "
+                   f"positions but frames.zarr holds T={info.frames_T} per video: every clip repeats its last "
+                   f"position {span - info.frames_T} time(s) (fewer distinct frames than asked). Rebuild the cache "
+                   f"with a larger extract-flow --frames, or lower --num-frames / --frame-stride.")
+    h, w = info.frame_size
+    if clip.crop_size > min(h, w):
+        out.append(f"--crop-size {clip.crop_size} is larger than the cached frames' short side ({h}x{w}): every "
+                   f"crop is upscaled by at least {clip.crop_size / min(h, w):.2f}x. Rebuild the cache with a larger "
+                   f"extract-flow --size, or lower --crop-size.")
+    return out
+
+
 def relevance_settings(info: CacheInfo) -> dict:
     """K, Ya and the overlap measure of ``relevance.zarr`` (recorded into the run config)."""
     prov = info.provenance["stores"].get(RELEVANCE_STORE)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from imdpipe.train.config import TrainConfig, save_config
 from imdpipe.train.data import (
     ClipDataset,
+    clip_fit_warnings,
     open_cache,
     prepare_inputs,
     relevance_settings,
@@ -292,6 +293,8 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
 
     say = console.print if ddp.main else (lambda *a, **k: None)
     info = open_cache(cache, audio=config.uses_audio, relevance=config.uses_relevance)
+    for warning in clip_fit_warnings(info, config.clip):
+        say(f"[yellow]warning:[/yellow] {warning}")
     if ckpt is not None:
         problems, notes = compare_provenance(ckpt["provenance"], info.provenance)
         if problems or notes:

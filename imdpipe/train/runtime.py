@@ -166,7 +166,15 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is it a run directory written by `imdpipe train`?)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a video, a truncated file, another pickle
+        raise ValueError(f"{path} is not an imdpipe checkpoint (torch.load: {type(e).__name__}: {e}); --run takes "
+                         f"a run directory written by `imdpipe train` or one of its checkpoint-*.pt files") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is a torch file but not an imdpipe checkpoint (no model / model_config); --run "
+                         f"takes a run directory written by `imdpipe train` or one of its checkpoint-*.pt files")
+    return ckpt
 
 
 def state_sha256(state_dict: dict) -> str:

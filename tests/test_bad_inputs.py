@@ -40,11 +40,11 @@ def test_index_with_a_missing_annotation_csv_is_one_message(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_evaluate_with_a_video_as_run_is_one_message(tmp_path):
+def test_evaluate_with_a_video_as_run_dir_is_one_message(tmp_path):
     video = tmp_path / "some.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
     cache = make_cache(tmp_path / "cache", train_per_class=2, test_per_class=1)
-    result = runner.invoke(app, ["evaluate", "--run", str(video), "--cache", str(cache)])
+    result = runner.invoke(app, ["evaluate", "--run-dir", str(video), "--cache", str(cache)])
     assert result.exit_code == 2 and "is not an imdpipe checkpoint" in result.output
     assert "Traceback" not in result.output
 

@@ -169,10 +169,11 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a video, a truncated file, another pickle
-        raise ValueError(f"{path} is not an imdpipe checkpoint (torch.load: {type(e).__name__}: {e}); --run takes "
-                         f"a run directory written by `imdpipe train` or one of its checkpoint-*.pt files") from None
+        raise ValueError(f"{path} is not an imdpipe checkpoint (torch.load: {type(e).__name__}: {e}); --run-dir "
+                         f"takes a run directory written by `imdpipe train` or one of its checkpoint-*.pt "
+                         f"files") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is a torch file but not an imdpipe checkpoint (no model / model_config); --run "
+        raise ValueError(f"{path} is a torch file but not an imdpipe checkpoint (no model / model_config); --run-dir "
                          f"takes a run directory written by `imdpipe train` or one of its checkpoint-*.pt files")
     return ckpt
 

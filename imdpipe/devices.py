@@ -12,6 +12,11 @@ from contextlib import nullcontext
 import torch
 
 
+class DeviceUnavailable(ValueError, RuntimeError):
+    """The asked-for device does not exist here: a bad ``--device`` value (a ValueError, which every
+    command reports as a one-line error; also a RuntimeError, as callers caught it before)."""
+
+
 def select_device(name: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
     """The torch device a process computes on.
 
@@ -22,8 +27,7 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
         local_rank: the GPU ``"cuda"`` means (default: torchrun's ``LOCAL_RANK``, else 0).
 
     Raises:
-        ValueError: CUDA asked for but torch sees no GPU (a bad ``--device`` value, which every
-            command reports as a one-line error).
+        DeviceUnavailable: CUDA asked for but torch sees no GPU.
     """
     if name is None or name in ("", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +35,7 @@ def select_device(name: str | torch.device | None = "auto", local_rank: int | No
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ValueError(f"device {str(name)!r} asked for but torch sees no CUDA GPU; use --device cpu")
+        raise DeviceUnavailable(f"device {str(name)!r} asked for but torch sees no CUDA GPU; use --device cpu")
     if device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank)
     torch.cuda.set_device(device)  # kernels and allocations without an explicit index follow it

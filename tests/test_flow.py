@@ -24,6 +24,7 @@ from imdpipe.pipeline.flow import (
     VideoError,
     decode_video_frames,
     extract_flow,
+    as_stored,
     extract_video,
     flow_pair,
     sample_positions,
@@ -228,7 +229,9 @@ def test_store_layout_settings_resume_and_refusal(tmp_path, small_videos):
     g = zarr.open_group(cache / "frames.zarr", mode="r")
     assert g["rgb"].shape == (6, 4, 48, 64, 3) and g["rgb"].dtype == np.uint8
     assert g["flow"].shape == (6, 4, 48, 64, 2) and g["flow"].dtype == np.uint8
-    assert g["rgb"].chunks == (1, 4, 48, 64, 3) and g["rgb"].shards == (4, 4, 48, 64, 3)
+    # one chunk per position (JPEG flow: one grey plane per component), 4 whole videos per shard
+    assert g["rgb"].chunks == (1, 1, 48, 64, 3) and g["rgb"].shards == (4, 4, 48, 64, 3)
+    assert g["flow"].chunks == (1, 1, 48, 64, 1) and g["flow"].shards == (4, 4, 48, 64, 2)
     assert g["frame_index"].dtype == np.int32 and g["frame_index"].shape == (6, 4)
     assert g["rgb"].attrs["_ARRAY_DIMENSIONS"] == ["video", "time", "y", "x", "channel"]
     assert g["flow"].attrs["_ARRAY_DIMENSIONS"] == ["video", "time", "y", "x", "component"]
@@ -241,7 +244,9 @@ def test_store_layout_settings_resume_and_refusal(tmp_path, small_videos):
     assert s["dis_params"] == DIS_PRESETS["ultrafast"]
     # the predict command rebuilds the settings from the store and gets the same row
     settings = FlowSettings.from_store_attrs(attrs)
-    row = extract_video(small_videos[2], settings)
+    assert (settings.rgb_codec, settings.rgb_quality, settings.flow_codec, settings.flow_quality) == \
+        ("jpeg", 90, "jpeg", 95)
+    row = as_stored(extract_video(small_videos[2], settings), settings)
     for name in ("rgb", "flow", "frame_index"):
         assert np.array_equal(g[name][2], row[name])
     # a rerun skips everything; other settings are refused; --overwrite rebuilds

@@ -67,6 +67,12 @@ FARNEBACK_PARAMS = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 
                     "flags": 0}
 RAFT_VARIANTS = ("large", "small")
 RAFT_MIN_SIZE = 128
+# How rgb and flow chunks are stored (one position of one video per chunk, see store_arrays):
+# zstd = lossless (bytes + zstd level 1); jpeg = one libjpeg-turbo JPEG per frame (rgb) or per
+# flow component plane (flow), at the given quality. Defaults chosen by benchmarks/bench_storage.py.
+CODECS = ("jpeg", "zstd")
+DEFAULT_RGB_CODEC, DEFAULT_RGB_QUALITY = "jpeg", 90
+DEFAULT_FLOW_CODEC, DEFAULT_FLOW_QUALITY = "jpeg", 95
 
 
 class VideoError(RuntimeError):
@@ -90,6 +96,8 @@ class FlowSettings:
         raft_weights: id of the RAFT weights (``sha256:<hex>`` of a state_dict file or
             ``torchvision:<enum>``); recorded so stores built with other weights are refused.
         bound: flow quantization bound in pixels.
+        rgb_codec, flow_codec: ``jpeg`` (lossy, compact) or ``zstd`` (lossless) for each array.
+        rgb_quality, flow_quality: JPEG quality 1-100 (used with ``jpeg`` only).
     """
 
     frames: int = 32
@@ -100,9 +108,19 @@ class FlowSettings:
     raft_iters: int = 12
     raft_weights: str = ""
     bound: float = FLOW_BOUND
+    rgb_codec: str = DEFAULT_RGB_CODEC
+    rgb_quality: int = DEFAULT_RGB_QUALITY
+    flow_codec: str = DEFAULT_FLOW_CODEC
+    flow_quality: int = DEFAULT_FLOW_QUALITY
 
     def __post_init__(self):
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        for name in ("rgb", "flow"):
+            codec, quality = getattr(self, f"{name}_codec"), getattr(self, f"{name}_quality")
+            if codec not in CODECS:
+                raise ValueError(f"--{name}-codec must be one of {CODECS}, got {codec!r}")
+            if not 1 <= int(quality) <= 100:
+                raise ValueError(f"--{name}-quality must be in 1..100, got {quality}")
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if len(self.size) != 2 or min(self.size) < 8:
@@ -118,7 +136,12 @@ class FlowSettings:
         """The settings recorded in ``frames.zarr`` (only the parameters of the chosen backend)."""
         out: dict[str, Any] = {"frames": self.frames, "size": list(self.size), "backend": self.backend,
                                "flow_bound": self.bound, "decoder": "pyav", "resize": "cv2.INTER_AREA",
-                               "positions": "segment-centres"}
+                               "positions": "segment-centres", "chunk": "one position of one video"}
+        for name in ("rgb", "flow"):
+            codec = getattr(self, f"{name}_codec")
+            out[f"{name}_codec"] = codec
+            if codec == "jpeg":
+                out[f"{name}_quality"] = int(getattr(self, f"{name}_quality"))
         if self.backend == "dis":
             out["preset"] = self.preset
             out["dis_params"] = dict(DIS_PRESETS[self.preset])
@@ -142,7 +165,17 @@ class FlowSettings:
         return cls(frames=int(s["frames"]), size=tuple(s["size"]), backend=s["backend"],
                    preset=s.get("preset", DEFAULT_DIS_PRESET), raft_variant=s.get("raft_variant", "large"),
                    raft_iters=int(s.get("raft_iters", 12)), raft_weights=s.get("raft_weights", ""),
-                   bound=float(s.get("flow_bound", FLOW_BOUND)))
+                   bound=float(s.get("flow_bound", FLOW_BOUND)),
+                   # stores from before the codec settings were lossless zstd
+                   rgb_codec=s.get("rgb_codec", "zstd"), rgb_quality=int(s.get("rgb_quality", DEFAULT_RGB_QUALITY)),
+                   flow_codec=s.get("flow_codec", "zstd"),
+                   flow_quality=int(s.get("flow_quality", DEFAULT_FLOW_QUALITY)))
+
+    def describe_codecs(self) -> str:
+        def one(name):
+            codec = getattr(self, f"{name}_codec")
+            return f"{name} {codec}" + (f" q{getattr(self, f'{name}_quality')}" if codec == "jpeg" else "")
+        return ", ".join(one(name) for name in ("rgb", "flow"))
 
     def describe(self) -> str:
         if self.backend == "dis":
@@ -691,24 +724,54 @@ def resolve_backend(backend: str, *, device: str | None, flow_weights: str | Pat
     return DEFAULT_CPU_BACKEND, "no CUDA device: DIS is the fastest CPU backend with Farneback-level accuracy"
 
 
+def _chunk_codec(codec: str, quality: int) -> dict:
+    """ArraySpec codec keywords: a JPEG serializer, or None for the store's lossless default (zstd)."""
+    if codec == "jpeg":
+        from imdpipe.pipeline.zarr_jpeg import Jpeg, register
+
+        register()
+        return {"serializer": Jpeg(level=quality)}
+    return {}
+
+
 def store_arrays(settings: FlowSettings) -> list:
+    """The per-video arrays of frames.zarr. ``rgb`` and ``flow`` have one chunk per position, so a
+    clip reads (and decodes) only the positions it uses; JPEG flow is one grey plane per component."""
     from imdpipe.pipeline.store import ArraySpec
 
     t, (h, w) = settings.frames, settings.size
+    flow_planes = 1 if settings.flow_codec == "jpeg" else 2
     quant = {"quantization": QUANT_FORMULA, "dequantization": DEQUANT_FORMULA, "bound": settings.bound,
              "units": "pixels of the stored frame", "components": ["x (right +)", "y (down +)"],
              "meaning": "flow[t] = flow from source frame frame_index[t] to frame_index[t]+1 "
                         "(the last frame: from its predecessor to it)"}
     return [
         ArraySpec("rgb", (t, h, w, 3), "uint8", ("time", "y", "x", "channel"),
-                  attrs={"color": "RGB", "resize": "cv2.INTER_AREA"}),
-        ArraySpec("flow", (t, h, w, 2), "uint8", ("time", "y", "x", "component"), fill_value=128, attrs=quant),
+                  attrs={"color": "RGB", "resize": "cv2.INTER_AREA"}, chunks=(1, h, w, 3),
+                  **_chunk_codec(settings.rgb_codec, settings.rgb_quality)),
+        ArraySpec("flow", (t, h, w, 2), "uint8", ("time", "y", "x", "component"), fill_value=128, attrs=quant,
+                  chunks=(1, h, w, flow_planes), **_chunk_codec(settings.flow_codec, settings.flow_quality)),
         ArraySpec("frame_index", (t,), "int32", ("time",), fill_value=-1,
                   attrs={"meaning": "0-based index of the decoded source frame stored at each position"}),
         ArraySpec("n_frames", (), "int32", (), fill_value=0, attrs={"meaning": "frames decoded from the video"}),
         ArraySpec("repeated", (), "bool", (), fill_value=False,
                   attrs={"meaning": "True when the video has fewer frames than T, so positions repeat"}),
     ]
+
+
+def as_stored(row: dict[str, np.ndarray], settings: FlowSettings) -> dict[str, np.ndarray]:
+    """A video's row as frames.zarr returns it: ``rgb`` and ``flow`` through the store's codecs
+    (an in-memory zarr array with the same chunks and codecs), so ``predict`` sees what training saw."""
+    import zarr
+
+    out = dict(row)
+    for spec in store_arrays(settings):
+        if spec.name in ("rgb", "flow"):
+            arr = zarr.create_array(zarr.storage.MemoryStore(), shape=spec.shape, chunks=spec.chunks,
+                                    dtype=spec.dtype, fill_value=spec.fill_value, **spec.codecs())
+            arr[...] = row[spec.name]
+            out[spec.name] = arr[...]
+    return out
 
 
 def open_frames_store(cache: str | Path, settings: FlowSettings, manifest, *, videos_per_shard: int,
@@ -734,6 +797,8 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                  raft_variant: str = "large", raft_iters: int = 12, workers: int | None = None,
                  batch_size: int = 32, device: str | None = None, flow_weights: str | Path | None = None,
                  shard=None, overwrite: bool = False, strict: bool = False, videos_per_shard: int = 16,
+                 rgb_codec: str = DEFAULT_RGB_CODEC, rgb_quality: int = DEFAULT_RGB_QUALITY,
+                 flow_codec: str = DEFAULT_FLOW_CODEC, flow_quality: int = DEFAULT_FLOW_QUALITY,
                  console=None, show_progress: bool = True):
     """Build (or resume) ``<cache>/frames.zarr``: sampled RGB frames and quantized flow per video.
 
@@ -755,6 +820,8 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         overwrite: rebuild the store from nothing.
         strict: kept for the CLI (exit status); failures are recorded either way.
         videos_per_shard: videos per shard file (unit of work of one writer).
+        rgb_codec, flow_codec: ``jpeg`` or ``zstd`` (lossless) per array.
+        rgb_quality, flow_quality: JPEG quality (1-100).
         console: rich Console for messages (default stderr).
         show_progress: draw a progress bar.
 
@@ -775,7 +842,8 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chosen, reason = resolve_backend(backend, device=device, flow_weights=flow_weights, raft_variant=raft_variant)
     settings = FlowSettings(frames=frames, size=tuple(size), backend=chosen, preset=preset,
-                            raft_variant=raft_variant, raft_iters=raft_iters)
+                            raft_variant=raft_variant, raft_iters=raft_iters, rgb_codec=rgb_codec,
+                            rgb_quality=rgb_quality, flow_codec=flow_codec, flow_quality=flow_quality)
     model = None
     if chosen == "raft":
         import torch
@@ -791,7 +859,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         settings = replace(settings, raft_weights=wid)
         device = dev
     console.print(f"flow backend: [bold]{settings.describe()}[/bold] ({reason}); T={frames}, "
-                  f"size {size[0]}x{size[1]}, shard {part}, {workers} worker(s)"
+                  f"size {size[0]}x{size[1]}, {settings.describe_codecs()}, shard {part}, {workers} worker(s)"
                   + (f" on {device}" if chosen == "raft" else ""))
     store = open_frames_store(cache, settings, manifest, videos_per_shard=videos_per_shard, overwrite=overwrite)
     paths = [_resolve_path(cache, r.path) for r in manifest.records]
@@ -822,6 +890,7 @@ __all__ = [
     "DecodedVideo",
     "FlowSettings",
     "VideoError",
+    "as_stored",
     "available_backends",
     "build_raft",
     "decode_video_frames",

@@ -47,6 +47,10 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from imdpipe import __version__
+from imdpipe.pipeline import zarr_jpeg
+
+# stores may hold JPEG chunks: known to zarr here even without the installed entry point
+zarr_jpeg.register()
 
 DONE = "done"
 ERROR = "error"
@@ -135,7 +139,13 @@ class ArraySpec:
         dims: names of the per-video axes (``video`` is prepended) for ``_ARRAY_DIMENSIONS``.
         fill_value: value of entries never written (failed or pending videos).
         attrs: extra array attributes (units, quantization formula...).
-        compressors: zarr codec(s) for the chunks; None = :data:`DEFAULT_CODEC`.
+        chunks: the chunk shape inside one video's entry (the ``video`` axis is 1 per chunk);
+            None = the whole entry is one chunk. Chunks must tile the entry.
+        serializer: zarr array-to-bytes codec of a chunk (an image codec such as JPEG); None =
+            zarr's plain ``bytes``.
+        compressors: zarr bytes-to-bytes codec(s) after the serializer; None =
+            :data:`DEFAULT_CODEC` with the plain serializer, none after an image codec. A CRC-32C
+            is appended either way (:func:`chunk_codecs`).
     """
 
     name: str
@@ -144,12 +154,24 @@ class ArraySpec:
     dims: tuple[str, ...]
     fill_value: Any = 0
     attrs: dict = field(default_factory=dict)
+    chunks: tuple[int, ...] | None = None
+    serializer: Any = None
     compressors: Any = None
 
     def __post_init__(self):
         if len(self.shape) != len(self.dims):
             raise ValueError(f"array {self.name!r}: {len(self.shape)} axes in shape {self.shape} "
                              f"but {len(self.dims)} dims {self.dims}")
+        if self.chunks is not None and (len(self.chunks) != len(self.shape)
+                                        or any(c < 1 or s % c for c, s in zip(self.chunks, self.shape))):
+            raise ValueError(f"array {self.name!r}: chunks {self.chunks} do not tile the entry shape {self.shape}")
+
+    def codecs(self) -> dict:
+        """The chunk codec chain as zarr's ``create_array`` keywords (serializer, then compressors)."""
+        if self.serializer is None:
+            return {"serializer": "auto", "compressors": chunk_codecs(self.compressors)}
+        return {"serializer": self.serializer,
+                "compressors": chunk_codecs(() if self.compressors is None else self.compressors)}
 
 
 @dataclass(frozen=True)
@@ -418,19 +440,21 @@ class StageStore:
             # Every chunk of a block holds a video's result, so skip zarr's per-chunk "all equal to
             # the fill value?" scan: it took 2/3 of the write time of frames.zarr (3x faster).
             arr = self.group[name].with_config({"write_empty_chunks": True})
+            block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in idx])
             if len(idx) == stop - start:
-                block = np.stack([np.asarray(rows[i][name], dtype=arr.dtype) for i in range(start, stop)])
+                arr[start:stop] = block
             else:
+                # only the given videos' chunks are encoded, one contiguous run at a time; the
+                # shard's other chunks keep their bytes (a lossy codec must never re-encode a video
+                # that is already stored)
                 try:
-                    block = np.asarray(arr[start:stop])
-                except Exception as e:  # noqa: BLE001 - a chunk of another video of the shard fails to decode
-                    raise StoreDamaged(f"{self.path}/{name}: a chunk of videos {start}..{stop - 1} fails to decode "
-                                       f"({type(e).__name__}: {e}), so the shard cannot be rewritten. Run `imdpipe "
+                    for a, b in _runs(idx):
+                        arr[a:b] = block[idx.index(a):idx.index(a) + b - a]
+                except Exception as e:  # noqa: BLE001 - the shard's index fails to decode
+                    raise StoreDamaged(f"{self.path}/{name}: the shard of videos {start}..{stop - 1} fails to decode "
+                                       f"({type(e).__name__}: {e}), so it cannot be rewritten. Run `imdpipe "
                                        f"verify --cache {self.path.parent} --repair`, then rerun this "
                                        f"command.") from e
-                for i in idx:
-                    block[i - start] = rows[i][name]
-            arr[start:stop] = block
 
     def write_block(self, start: int, stop: int, rows: dict[int, dict[str, np.ndarray]],
                     errors: dict[int, str], written: Iterable[int] = ()) -> None:
@@ -460,10 +484,13 @@ def _add_stage_arrays(group: zarr.Group, n_items: int, arrays: Sequence[ArraySpe
     """The per-video arrays (one chunk per video, ``k`` videos per shard) plus done/error flags."""
     flag_chunks = (min(k, max(n_items, 1)),)
     for spec in arrays:
-        shards = (min(k, max(n_items, 1)), *spec.shape) if k > 1 else None
-        arr = group.create_array(spec.name, shape=(n_items, *spec.shape), chunks=(1, *spec.shape), shards=shards,
-                                 dtype=spec.dtype, fill_value=spec.fill_value,
-                                 compressors=chunk_codecs(spec.compressors),
+        chunks = (1, *(spec.shape if spec.chunks is None else spec.chunks))
+        # a shard holds k whole videos; it needs the sharding codec also at k == 1 when a video
+        # spans several chunks (one file per video, not one per chunk)
+        sharded = k > 1 or chunks[1:] != tuple(spec.shape)
+        shards = (min(k, max(n_items, 1)), *spec.shape) if sharded else None
+        arr = group.create_array(spec.name, shape=(n_items, *spec.shape), chunks=chunks, shards=shards,
+                                 dtype=spec.dtype, fill_value=spec.fill_value, **spec.codecs(),
                                  dimension_names=("video", *spec.dims))
         arr.attrs.update({"_ARRAY_DIMENSIONS": ["video", *spec.dims], **normalize_settings(spec.attrs)})
     done = group.create_array(DONE, shape=(n_items,), chunks=flag_chunks, dtype="bool", fill_value=False,
@@ -472,6 +499,17 @@ def _add_stage_arrays(group: zarr.Group, n_items: int, arrays: Sequence[ArraySpe
     err = group.create_array(ERROR, shape=(n_items,), chunks=flag_chunks, dtype=str, fill_value="",
                              compressors=chunk_codecs(), dimension_names=("video",))
     err.attrs["_ARRAY_DIMENSIONS"] = ["video"]
+
+
+def _runs(idx: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices as contiguous ``[start, stop)`` runs."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 def partition_shards(shards: Sequence[tuple[int, int]], part: Partition) -> list[tuple[int, int]]:

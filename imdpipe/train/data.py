@@ -301,6 +301,26 @@ def clip_centre_time(frame_index: np.ndarray, positions: np.ndarray, fps: float)
     return (first + last) / 2 / fps if fps > 0 else 0.0
 
 
+def read_positions(arr: zarr.Array, index: int, positions: np.ndarray, box=None) -> np.ndarray:
+    """``arr[index, positions]`` cropped to ``box = (y0, x0, h, w)``, reading only those positions' chunks.
+
+    frames.zarr keeps one position per chunk, so a clip decodes the positions it uses and no
+    others. Evenly spaced positions (a clip's stride) are one strided slice; repeats (a clip
+    running past the last position) are read once.
+    """
+    positions = np.asarray(positions)
+    unique, inverse = np.unique(positions, return_inverse=True)
+    ys, xs = (slice(None), slice(None)) if box is None else (slice(box[0], box[0] + box[2]),
+                                                                slice(box[1], box[1] + box[3]))
+    steps = np.diff(unique)
+    if len(unique) == 1 or (steps == steps[0]).all():
+        step = int(steps[0]) if len(unique) > 1 else 1
+        block = arr[index, int(unique[0]):int(unique[-1]) + 1:step, ys, xs]
+    else:
+        block = arr.get_orthogonal_selection((index, unique, ys, xs))
+    return block[inverse.reshape(-1)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel transforms
 # ---------------------------------------------------------------------------------------------
@@ -532,9 +552,7 @@ class ClipDataset(Dataset):
         return StoreDamaged(damage_message(self.stores[store], damage, video_ids=self.video_ids, cache=self.root))
 
     def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
-        y0, x0, h, w = box
-        # one video is one chunk: reading it whole is ~8x faster than an orthogonal selection
-        return self._array(f"{FRAMES_STORE}/{key}")[index][positions, y0:y0 + h, x0:x0 + w]
+        return read_positions(self._array(f"{FRAMES_STORE}/{key}"), index, positions, box)
 
     def _train_item(self, index: int) -> dict:
         clip = self.clip
@@ -562,7 +580,15 @@ class ClipDataset(Dataset):
         return out
 
     def _eval_item(self, index: int) -> dict:
-        frames = {key: self._array(f"{FRAMES_STORE}/{key}")[index] for key in ("rgb", "flow") if key in self.modalities}
+        # only the positions some test clip uses are read (the others keep the fill value 0)
+        used = np.unique(np.concatenate([clip_positions(s, self.num_frames, self.frame_stride, self.T) for s in
+                                         eval_starts(self.T, self.num_frames, self.frame_stride, self.clips)]))
+        frames = {}
+        for key in ("rgb", "flow"):
+            if key in self.modalities:
+                arr = self._array(f"{FRAMES_STORE}/{key}")
+                frames[key] = np.zeros(arr.shape[1:], arr.dtype)
+                frames[key][used] = read_positions(arr, index, used)
         fi = np.asarray(self._small(f"{FRAMES_STORE}/frame_index")[index])
         audio = None
         if self.read_audio:

@@ -581,8 +581,9 @@ class ClipDataset(Dataset):
 
     def _eval_item(self, index: int) -> dict:
         # only the positions some test clip uses are read (the others keep the fill value 0)
-        used = np.unique(np.concatenate([clip_positions(s, self.num_frames, self.frame_stride, self.T) for s in
-                                         eval_starts(self.T, self.num_frames, self.frame_stride, self.clips)]))
+        nf, stride = self.clip.num_frames, self.clip.frame_stride
+        used = np.unique(np.concatenate([clip_positions(s, nf, stride, self.T)
+                                         for s in eval_starts(self.T, nf, stride, self.clips)]))
         frames = {}
         for key in ("rgb", "flow"):
             if key in self.modalities:

@@ -2,7 +2,8 @@
 
 Each video goes through the same stages as the run's caches, with the settings those caches
 recorded (kept in the checkpoint's cache provenance, so the caches need not be present):
-frames + flow (:func:`imdpipe.pipeline.flow.extract_video` with the ``frames.zarr`` settings),
+frames + flow (:func:`imdpipe.pipeline.flow.extract_video` with the ``frames.zarr`` settings, then
+through the store's codecs with :func:`~imdpipe.pipeline.flow.as_stored`, so JPEG stores match),
 AST embedding (:func:`imdpipe.pipeline.audio.embed_video` with the ``audio.zarr`` settings; the
 AST checkpoint must be the one the store was built with), then the run's test views (clips x
 crops) through the model, softmax averaged. Reported per video: the top-5 classes, rev (mean over
@@ -104,14 +105,14 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
     crops = crops or 3
     results = []
     from imdpipe.pipeline.audio import embed_video
-    from imdpipe.pipeline.flow import extract_video
+    from imdpipe.pipeline.flow import as_stored, extract_video
 
     for video in videos:
         video = Path(video)
         try:
             if not video.is_file():
                 raise FileNotFoundError(f"{video} does not exist")
-            frames = extract_video(video, flow_settings, device=dev, raft_model=raft)
+            frames = as_stored(extract_video(video, flow_settings, device=dev, raft_model=raft), flow_settings)
             audio = None
             if config.uses_audio:
                 audio = embed_video(video, model=audio_net, feature_extractor=fe, settings=audio_settings, device=dev)

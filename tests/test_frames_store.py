@@ -15,7 +15,7 @@ from test_flow import _small_videos, make_cache
 
 from imdpipe.pipeline.flow import FlowSettings, as_stored, extract_flow, extract_video
 from imdpipe.pipeline.store import ArraySpec, SettingsMismatch, StageStore, run_stage
-from imdpipe.pipeline.zarr_jpeg import JpegCodec
+from imdpipe.pipeline.zarr_jpeg import Jpeg, JpegCodec
 
 REPO = Path(__file__).resolve().parents[1]
 KW = {"backend": "dis", "frames": 4, "size": (48, 64), "preset": "ultrafast", "show_progress": False,
@@ -160,8 +160,6 @@ def test_codec_settings_are_recorded_and_a_mismatch_is_refused(stores):
 
 def test_a_partial_shard_write_never_reencodes_stored_jpeg_videos(tmp_path):
     """Resume writes only the pending videos' chunks: a JPEG re-encode would change done videos."""
-    from imdpipe.pipeline.zarr_jpeg import Jpeg
-
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(4, 2, 16, 24, 3), dtype=np.uint8)
     spec = ArraySpec("x", (2, 16, 24, 3), "uint8", ("t", "y", "x", "c"), chunks=(1, 16, 24, 3),
@@ -194,3 +192,37 @@ def test_a_partial_shard_write_never_reencodes_stored_jpeg_videos(tmp_path):
     second = open_store()["x"][...]
     assert np.array_equal(second[[0, 3]], first[[0, 3]])
     assert np.array_equal(second[[1, 2]], one_pass(images[[1, 2]])) and open_store().done_mask().all()
+
+
+@pytest.mark.parametrize("codec", ["zstd", "jpeg"])
+def test_shard_reader_equals_zarr_and_reads_missing_chunks_as_fill(stores, tmp_path, codec):
+    from imdpipe.pipeline.shard_reader import ShardReader
+    from imdpipe.train.data import read_positions
+
+    g = zarr.open_group(stores[1][codec] / "frames.zarr", mode="r")
+    for name in ("rgb", "flow"):
+        arr = g[name]
+        reader = ShardReader(arr)
+        assert reader.fast
+        for video, positions, box in [(0, [0, 2], None), (3, [1, 2, 3], (5, 7, 20, 30)), (2, [3, 3, 3], None)]:
+            expect = arr[video][positions]
+            if box is not None:
+                expect = expect[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+            assert np.array_equal(read_positions(reader, video, np.array(positions), box), expect), (name, video)
+    # a video never written reads as the fill value, like zarr (shard file present, and absent)
+    spec = ArraySpec("x", (3, 8, 8, 2), "uint8", ("t", "y", "x", "c"), fill_value=128, chunks=(1, 8, 8, 1),
+                     **({"serializer": Jpeg(level=90)} if codec == "jpeg" else {}))
+    store = StageStore.open(tmp_path / "s.zarr", stage="t", settings={}, manifest_sha256="m", n_items=4,
+                            arrays=[spec], videos_per_shard=2)
+    store.write_rows(0, 2, {0: {"x": np.full((3, 8, 8, 2), 60, np.uint8)}})
+    reader = ShardReader(store["x"])
+    assert reader.fast
+    assert (reader.read(1, np.arange(3)) == 128).all() and (reader.read(3, np.arange(3)) == 128).all()
+    assert np.array_equal(reader.read(0, np.arange(3)), store["x"][0])
+    # a damaged shard index is refused (its checksum), not read as data
+    shard = next(p for p in (tmp_path / "s.zarr" / "x").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="(?i)checksum|crc"):
+        ShardReader(store["x"]).read(0, np.arange(3))

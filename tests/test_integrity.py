@@ -220,14 +220,15 @@ def small_fs(tmp_path):
 
 def test_disk_full_stage_one_message_nothing_done_lost_then_resume(tmp_path, synth_cache, small_fs):
     mnt, resize = small_fs
+    flow = {**FLOW, "rgb_codec": "zstd", "flow_codec": "zstd"}  # lossless: more than the 400 KB disk holds
     ref = _copy(synth_cache, tmp_path / "ref")
-    extract_flow(cache=ref, **FLOW)
+    extract_flow(cache=ref, **flow)
     cache = mnt / "cache"
     cache.mkdir()
     for name in ("manifest.csv", "labels.txt"):
         shutil.copy(synth_cache / name, cache / name)
     with pytest.raises(DiskFull) as e:
-        extract_flow(cache=cache, **FLOW)
+        extract_flow(cache=cache, **flow)
     message = str(e.value)
     assert "disk full while writing" in message and str(cache / "frames.zarr") in message
     assert "video(s) left need about" in message and "already done are kept" in message
@@ -237,10 +238,11 @@ def test_disk_full_stage_one_message_nothing_done_lost_then_resume(tmp_path, syn
     assert not verify_cache(cache).damaged  # what is done is intact
     result = CliRunner().invoke(app, ["extract-flow", "--cache", str(cache), "--frames", "4", "--size", "32x48",
                                       "--backend", "dis", "--preset", "ultrafast", "--workers", "0",
-                                      "--videos-per-shard", "3", "--quiet"])
+                                      "--videos-per-shard", "3", "--rgb-codec", "zstd", "--flow-codec", "zstd",
+                                      "--quiet"])
     assert result.exit_code == 2 and "disk full while writing" in result.output and "Traceback" not in result.output
     resize(8 << 20)  # space freed: the rerun finishes the rest
-    summary = extract_flow(cache=cache, **FLOW)
+    summary = extract_flow(cache=cache, **flow)
     assert summary.already_done == int(done.sum())
     _assert_same(ref / "frames.zarr", cache / "frames.zarr")
 

@@ -84,8 +84,9 @@ def extract_flow_cmd(
     """Decode each video once; store T sampled RGB frames and the flow to the next frame.
 
     Writes CACHE/frames.zarr: rgb uint8 (N, T, H, W, 3), flow uint8 (N, T, H, W, 2) quantized
-    with bound 20 (one chunk per position; JPEG or lossless zstd), frame_index int32 (N, T). Resumable (done videos are skipped), shardable
-    (--shard i/n or torchrun), per-video errors recorded and summarised.
+    with bound 20 (one chunk per position; JPEG or lossless zstd), frame_index int32 (N, T).
+    Resumable (done videos are skipped), shardable (--shard i/n or torchrun), per-video errors
+    recorded and summarised.
     """
     from imdpipe.pipeline.flow import extract_flow
     from imdpipe.pipeline.store import DiskFull, SettingsMismatch

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from imdpipe.pipeline.shard_reader import raw_video_chunks, write_raw_shard
 from imdpipe.pipeline.store import DONE, ERROR, StageStore, StoreDamaged, claim_shard
 
 #: Offset and length of an empty entry of a shard index (the sharding codec's marker).
@@ -350,6 +351,12 @@ def repair_store(report: StoreReport) -> None:
             store[DONE][s:e] = done
             store[ERROR][s:e] = errors.astype(str)
             for _, arr in _video_arrays(store.group):
+                # sharded arrays: the done videos' chunks are copied as encoded bytes (a lossy codec,
+                # frames.zarr's JPEG, must not re-encode them); the others are left out (fill value)
+                kept = raw_video_chunks(arr, np.flatnonzero(done) + s)
+                if kept is not None:
+                    write_raw_shard(arr, s, kept)
+                    continue
                 block = np.full((e - s, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
                 for v in np.flatnonzero(done) + s:
                     block[v - s] = arr[v]

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
 from imdpipe.pipeline.manifest import Manifest, read_manifest
+from imdpipe.pipeline.shard_reader import ShardReader
 from imdpipe.pipeline.store import DONE, StoreDamaged, normalize_settings
 from imdpipe.train.config import ClipSpec
 
@@ -301,24 +302,19 @@ def clip_centre_time(frame_index: np.ndarray, positions: np.ndarray, fps: float)
     return (first + last) / 2 / fps if fps > 0 else 0.0
 
 
-def read_positions(arr: zarr.Array, index: int, positions: np.ndarray, box=None) -> np.ndarray:
-    """``arr[index, positions]`` cropped to ``box = (y0, x0, h, w)``, reading only those positions' chunks.
+def read_positions(source, index: int, positions: np.ndarray, box=None) -> np.ndarray:
+    """``source[index, positions]`` cropped to ``box = (y0, x0, h, w)``, reading only those positions' chunks.
 
-    frames.zarr keeps one position per chunk, so a clip decodes the positions it uses and no
-    others. Evenly spaced positions (a clip's stride) are one strided slice; repeats (a clip
-    running past the last position) are read once.
+    ``source`` is a zarr array of frames.zarr or a :class:`~imdpipe.pipeline.shard_reader.ShardReader`
+    of one (keep one per array and process: it caches the shard indices). frames.zarr keeps one
+    position per chunk, so a clip decodes the positions it uses and no others; repeated
+    positions (a clip running past the last one) are read once.
     """
-    positions = np.asarray(positions)
-    unique, inverse = np.unique(positions, return_inverse=True)
+    reader = source if isinstance(source, ShardReader) else ShardReader(source)
+    unique, inverse = np.unique(np.asarray(positions), return_inverse=True)
     ys, xs = (slice(None), slice(None)) if box is None else (slice(box[0], box[0] + box[2]),
                                                                 slice(box[1], box[1] + box[3]))
-    steps = np.diff(unique)
-    if len(unique) == 1 or (steps == steps[0]).all():
-        step = int(steps[0]) if len(unique) > 1 else 1
-        block = arr[index, int(unique[0]):int(unique[-1]) + 1:step, ys, xs]
-    else:
-        block = arr.get_orthogonal_selection((index, unique, ys, xs))
-    return block[inverse.reshape(-1)]
+    return reader.read(index, unique, ys, xs)[inverse.reshape(-1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,8 +547,15 @@ class ClipDataset(Dataset):
         damage = [Damage(key, v, "corrupt", detail) for v in bad] or [Damage(key, index, "corrupt", detail)]
         return StoreDamaged(damage_message(self.stores[store], damage, video_ids=self.video_ids, cache=self.root))
 
+    def _reader(self, key: str) -> ShardReader:
+        name = f"reader:{FRAMES_STORE}/{key}"
+        if self._pid != os.getpid() or name not in self._arrays:
+            self._arrays[name] = ShardReader(self._array(f"{FRAMES_STORE}/{key}"))
+        self._reading = f"{FRAMES_STORE}/{key}"
+        return self._arrays[name]
+
     def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
-        return read_positions(self._array(f"{FRAMES_STORE}/{key}"), index, positions, box)
+        return read_positions(self._reader(key), index, positions, box)
 
     def _train_item(self, index: int) -> dict:
         clip = self.clip
@@ -587,9 +590,9 @@ class ClipDataset(Dataset):
         frames = {}
         for key in ("rgb", "flow"):
             if key in self.modalities:
-                arr = self._array(f"{FRAMES_STORE}/{key}")
-                frames[key] = np.zeros(arr.shape[1:], arr.dtype)
-                frames[key][used] = read_positions(arr, index, used)
+                reader = self._reader(key)
+                frames[key] = np.zeros(reader.arr.shape[1:], reader.arr.dtype)
+                frames[key][used] = read_positions(reader, index, used)
         fi = np.asarray(self._small(f"{FRAMES_STORE}/frame_index")[index])
         audio = None
         if self.read_audio:

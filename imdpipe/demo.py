@@ -72,6 +72,7 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     """
     from rich.console import Console
 
+    from imdpipe.contract import GROUND_TRUTH_NAME
     from imdpipe.datasets.synth import synth_dataset
     from imdpipe.pipeline.audio import extract_audio
     from imdpipe.pipeline.flow import extract_flow
@@ -126,7 +127,7 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
                        crop_size=s.crop_size, optimizer="adamw", lr=s.lr, weight_decay=0.05,
                        batch_size=s.batch_size, epochs=s.epochs, warmup_epochs=1.0, num_workers=0,
                        seed=seed, val_split="none")
-    gt = data / "ground_truth.csv"
+    gt = data / GROUND_TRUTH_NAME
     rows = []
     for name, fusion, modalities, p in methods:
         run = runs / _slug(name)

@@ -16,6 +16,7 @@ from imdpipe.cli.options import (
     VideosPerShardOpt,
     exit_for,
 )
+from imdpipe.contract import AST_WINDOW_S
 
 MODEL_HELP = ("Audio model: a hub id or a local directory written by save_pretrained (config, weights, "
               "preprocessor_config.json), e.g. one made by `imdpipe train-tagger`. Paper: the frozen "
@@ -27,7 +28,7 @@ def extract_audio_cmd(
         cache: CacheOpt,
         model: Annotated[str, typer.Option("--model", help=MODEL_HELP)] = "MIT/ast-finetuned-audioset-10-10-0.4593",
         windows: Annotated[int, typer.Option("--windows", min=1, help=(
-            "Windows of max_length frames (10.24 s for AudioSet ASTs) per video. 1 (paper) = one window "
+            f"Windows of max_length frames ({AST_WINDOW_S} s for AudioSet ASTs) per video. 1 (paper) = one window "
             "centred on the video; W > 1 spreads W windows evenly over a longer video."))] = 1,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per model forward.")] = 8,
         workers: Annotated[int | None, typer.Option("--workers", min=0, help=(
@@ -105,7 +106,8 @@ def train_tagger_cmd(
         patch_stride: Annotated[int, typer.Option("--patch-stride", min=1, max=16, help=(
             "Stride of the 16x16 patches in frequency and time (AST: 10; 16 = no overlap, fastest)."))] = 16,
         max_length: Annotated[int | None, typer.Option("--max-length", min=16, help=(
-            "Input frames of 10 ms (AST: 1024 = 10.24 s). Default: the longest clip (at most 1024)."))] = None,
+            f"Input frames of 10 ms (AST: 1024 = {AST_WINDOW_S} s). Default: the longest clip "
+            "(at most 1024)."))] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per step.")] = 16,
         lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
         seed: Annotated[int, typer.Option("--seed", help="Seeds the split, init and crops.")] = 0,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from imdpipe.cli.options import OverwriteOpt, QuietOpt, ShardOpt, StrictOpt, exit_for
+from imdpipe.contract import SAVLD
 
 
 def build_savld_cmd(
@@ -86,7 +87,7 @@ def build_savld_cmd(
     dest = Path(out or cache)
     info = sv.describe(d)
     console.print(f"SAVLD: {info['video_labels']} video x {info['audio_labels']} audio labels, k={info['k']}, "
-                  f"{info['metric']}, encoder {info['encoder']} -> {dest / sv.STORE_NAME}, "
+                  f"{info['metric']}, encoder {info['encoder']} -> {SAVLD.path(dest)}, "
                   f"{dest / sv.TEXT_NAME}" + (f", {dest / sv.PLOTS_DIR}/*.png" if plot else ""))
     for v in d.video_labels[:3]:
         console.print(f"  {v}: {'; '.join(d.neighbours(v)[:5])}")

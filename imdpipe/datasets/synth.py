@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from imdpipe import __version__
+from imdpipe.contract import GROUND_TRUTH_NAME
 from imdpipe.pipeline.media import write_mp4
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +508,7 @@ class SynthSummary:
     per_class: list[dict] = field(default_factory=list)
 
 
-_OWNED = ("videos", "splits", "soundbank", "ground_truth.csv", "synth.json")
+_OWNED = ("videos", "splits", "soundbank", GROUND_TRUTH_NAME, "synth.json")
 
 
 def _write_one_video(job) -> str:
@@ -608,7 +609,7 @@ def synth_dataset(out: str | Path, *, seed: int = 0, videos_per_class: int = 16,
         f"{p.class_name}/{p.video_id}.mp4 {p.label + 1}\n" for p in plans if p.split == "train"), encoding="utf-8")
     (splits / "testlist01.txt").write_text("".join(
         f"{p.class_name}/{p.video_id}.mp4\n" for p in plans if p.split == "test"), encoding="utf-8")
-    with open(out / "ground_truth.csv", "w", newline="", encoding="utf-8") as f:
+    with open(out / GROUND_TRUTH_NAME, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["video_id", "label_name", "relevant", "sound", "has_audio", "split", "visual"])
         for p in plans:

@@ -28,9 +28,11 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from imdpipe.contract import FLOW_BOUND
+
 from .audio import AudioBottleneck
 from .fusion import FUSION_LAYERS, SCHEMES, IMDFusion
-from .visual import FLOW_SCALE, VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
+from .visual import VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
 
 __all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
 
@@ -60,7 +62,7 @@ class ModelConfig:
     drop_rate: float = 0.0  # dropout in the transformer projections and the fusion/head MLPs
     attn_drop_rate: float = 0.0  # dropout on attention weights
     drop_path_rate: float = 0.0  # stochastic depth of the transformer blocks
-    flow_scale: float = FLOW_SCALE  # flow pixels are divided by this inside the model
+    flow_bound: float = FLOW_BOUND  # the cache's flow quantization bound: flow pixels are divided by it
     avc_dim: int = 128  # hidden width of the Look-Listen-Learn (avc) fusion
     nl_tokens: int = 8  # tokens per embedding for the nl-gate fusion
 
@@ -108,8 +110,8 @@ class ModelConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} should be in [0, 1), got {getattr(self, name)}")
-        if self.flow_scale <= 0:
-            raise ValueError(f"flow_scale should be > 0, got {self.flow_scale}")
+        if self.flow_bound <= 0:
+            raise ValueError(f"flow_bound should be > 0, got {self.flow_bound}")
         if self.fusion == "nl-gate" and self.visual_dim % self.nl_tokens:
             raise ValueError(
                 f"nl-gate needs the visual width {self.visual_dim} divisible by nl_tokens, "
@@ -134,7 +136,7 @@ class ModelConfig:
             drop_rate=self.drop_rate,
             attn_drop_rate=self.attn_drop_rate,
             drop_path_rate=self.drop_path_rate,
-            flow_scale=self.flow_scale,
+            flow_bound=self.flow_bound,
         )
 
 

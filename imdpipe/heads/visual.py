@@ -17,9 +17,9 @@ are factorized spatio-temporal blocks, as in TimeSformer's divided attention:
 * The two streams' CLS embeddings are fused by two fully connected layers, each followed by ReLU
   (end of Sec. 3.2).
 
-Flow comes in as pixels of displacement (dequantized uint8 flow, roughly [-20, 20]); the model
-divides it by ``flow_scale = 20`` so it enters the patch embedding in about [-1, 1], the range of
-normalized RGB. RGB comes in already normalized.
+Flow comes in as pixels of displacement (dequantized uint8 flow, within the cache's quantization
+bound); the model divides it by that ``flow_bound`` so it enters the patch embedding in about
+[-1, 1], the range of normalized RGB. RGB comes in already normalized.
 
 Sizes (``VISUAL_SIZES``). Parameters per stream (8 frames, 224x224; the flow stream has
 ``16*16*D`` fewer weights in its 2-channel patch embedding), ours vs the paper's supplementary
@@ -86,8 +86,9 @@ from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
+from imdpipe.contract import FLOW_BOUND
+
 __all__ = [
-    "FLOW_SCALE",
     "VISUAL_SIZES",
     "FactorizedBlock",
     "SpatialBlock",
@@ -105,7 +106,6 @@ __all__ = [
     "vit_state_dict",
 ]
 
-FLOW_SCALE = 20.0  # flow bound of the quantized cache (FIELD_NOTES: clip to [-20, 20])
 STREAM_CHANNELS = {"rgb": 3, "flow": 2}
 
 
@@ -260,7 +260,7 @@ class VisualConfig:
     drop_rate: float = 0.0  # dropout after attention/MLP projections and on embeddings
     attn_drop_rate: float = 0.0  # dropout on attention weights
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
-    flow_scale: float = FLOW_SCALE  # flow (pixels) is divided by this before the patch embedding
+    flow_bound: float = FLOW_BOUND  # flow (pixels, within +-flow_bound) is divided by this before the patch embedding
 
     def __post_init__(self) -> None:
         self.streams = tuple(self.streams)
@@ -281,8 +281,8 @@ class VisualConfig:
             )
         if self.num_frames < 1:
             raise ValueError(f"num_frames should be >= 1, got {self.num_frames}")
-        if self.flow_scale <= 0:
-            raise ValueError(f"flow_scale should be > 0, got {self.flow_scale}")
+        if self.flow_bound <= 0:
+            raise ValueError(f"flow_bound should be > 0, got {self.flow_bound}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -409,7 +409,7 @@ class TwoStreamTransformer(nn.Module):
         rgb: torch.Tensor | None = None,
         flow: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-stream class embeddings ``{name: (B, D)}``; flow is divided by ``flow_scale``."""
+        """Per-stream class embeddings ``{name: (B, D)}``; flow is divided by ``flow_bound``."""
         inputs = {"rgb": rgb, "flow": flow}
         out = {}
         for name, stream in self.streams.items():
@@ -417,7 +417,7 @@ class TwoStreamTransformer(nn.Module):
             if x is None:
                 raise ValueError(f"the {name!r} stream needs an input, got None")
             if name == "flow":
-                x = x / self.cfg.flow_scale  # pixels -> about [-1, 1]
+                x = x / self.cfg.flow_bound  # pixels -> about [-1, 1]
             out[name] = stream(x)
         return out
 

@@ -17,7 +17,7 @@ Pipeline per video (../shared/FIELD_NOTES.md, "AST, the frozen audio model"):
    transformers' ``ASTFeatureExtractor`` (128 mel bins, 25 ms window, 10 ms hop, normalised
    with the AudioSet mean/std), one row per 10 ms frame.
 3. :func:`window_starts` + :func:`crop_windows`: ``W`` windows of ``max_length`` frames
-   (1024 frames = 10.24 s for AudioSet ASTs), starts rounded to the 10 ms hop. Frames of a
+   (1024 frames = ``contract.AST_WINDOW_S`` for AudioSet ASTs), starts rounded to the 10 ms hop. Frames of a
    window that fall outside the audio are the extractor's own padding (zero in fbank space,
    i.e. ``-mean / (2 std)`` after normalisation), so a short video is zero-padded in fbank
    space as AST does, on both sides because its window is centred. Kaldi frames only depend
@@ -42,6 +42,7 @@ import av
 import numpy as np
 import torch
 
+from imdpipe.contract import AST_WINDOW_S, AUDIO, video_path
 from imdpipe.devices import autocast, select_device
 from imdpipe.launch import cores_per_process
 from imdpipe.pipeline.manifest import read_manifest
@@ -49,9 +50,6 @@ from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, ru
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 SAMPLE_RATE = 16000
-WINDOW_S = 10.24
-STORE_NAME = "audio.zarr"
-STAGE = "audio"
 DTYPES = ("float32", "bfloat16")
 
 # Kaldi fbank framing used by ASTFeatureExtractor (25 ms window, 10 ms hop at 16 kHz).
@@ -150,7 +148,7 @@ def frame_params(feature_extractor) -> tuple[int, int]:
 
 
 def window_seconds(feature_extractor) -> float:
-    """Length (s) of one model input: ``max_length`` frames of 10 ms (10.24 s for 1024)."""
+    """Length (s) of one model input: ``max_length`` frames of 10 ms (AST_WINDOW_S for 1024)."""
     _, hop = frame_params(feature_extractor)
     return int(feature_extractor.max_length) * hop / int(feature_extractor.sampling_rate)
 
@@ -178,7 +176,7 @@ def fbank(waveform: np.ndarray, feature_extractor) -> np.ndarray:
     return np.asarray(out["input_values"][0], dtype=np.float32)
 
 
-def window_starts(duration_s: float, windows: int, window_s: float = WINDOW_S) -> np.ndarray:
+def window_starts(duration_s: float, windows: int, window_s: float = AST_WINDOW_S) -> np.ndarray:
     """Start times (s) of ``windows`` windows of ``window_s`` over a video of ``duration_s``.
 
     One window is centred on the video (it starts before 0 when the video is shorter than a
@@ -557,10 +555,10 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
              "model_sha256": info["model_sha256"], "feature_extractor": info["feature_extractor"],
              "embedding_dim": d, "num_audio_labels": c, "dtype": info["dtype"],
              "pooling": "mean of CLS and distillation tokens after the final LayerNorm"}
-    store = StageStore.open(cache / STORE_NAME, stage=STAGE, settings=settings,
+    store = StageStore.open(AUDIO.path(cache), stage=AUDIO.stage, settings=settings,
                             manifest_sha256=manifest.sha256, n_items=len(manifest), arrays=arrays,
                             videos_per_shard=videos_per_shard, overwrite=overwrite, attrs=attrs)
-    paths = [_resolve(cache, r.path) for r in manifest.records]
+    paths = [str(video_path(cache, r.path)) for r in manifest.records]
     produce = _produce(paths=paths, net=net, fe=fe, windows=windows, batch_size=batch_size, workers=workers,
                        device=dev, dtype=info["dtype"])
     return run_stage(store, produce, eligible=manifest.ok_indices(), names=[r.path for r in manifest.records],
@@ -568,17 +566,12 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
                      show_progress=show_progress)
 
 
-def _resolve(cache: Path, path: str) -> str:
-    p = Path(path)
-    return str(p if p.is_absolute() else cache / p)
-
-
 def load_store_model(store_path: str | Path, *, device=None):
     """Load the model an ``audio.zarr`` was built with, refusing a different checkpoint.
 
     Returns ``(model, feature_extractor, settings)`` ready for :func:`embed_video`.
     """
-    store = StageStore.open_existing(store_path, stage=STAGE)
+    store = StageStore.open_existing(store_path, stage=AUDIO.stage)
     settings = store.settings
     net, fe, info = load_audio_model(settings["model"], device=device, dtype=settings.get("dtype"))
     if info["model_sha256"] != settings.get("model_sha256"):

@@ -38,11 +38,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from imdpipe.contract import FLOW_BOUND, FRAMES, video_path
 from imdpipe.launch import cores_per_process
-from imdpipe.pipeline.flow_utils import DEQUANT_FORMULA, FLOW_BOUND, QUANT_FORMULA, quantize
-
-STAGE = "flow"
-STORE_NAME = "frames.zarr"
+from imdpipe.pipeline.flow_utils import DEQUANT_FORMULA, QUANT_FORMULA, quantize
 
 CPU_BACKENDS = ("dis", "farneback", "tvl1")
 BACKENDS = ("auto", "raft", *CPU_BACKENDS)
@@ -135,7 +133,7 @@ class FlowSettings:
     def to_store(self) -> dict:
         """The settings recorded in ``frames.zarr`` (only the parameters of the chosen backend)."""
         out: dict[str, Any] = {"frames": self.frames, "size": list(self.size), "backend": self.backend,
-                               "flow_bound": self.bound, "decoder": "pyav", "resize": "cv2.INTER_AREA",
+                               "decoder": "pyav", "resize": "cv2.INTER_AREA",
                                "positions": "segment-centres", "chunk": "one position of one video"}
         for name in ("rgb", "flow"):
             codec = getattr(self, f"{name}_codec")
@@ -155,7 +153,11 @@ class FlowSettings:
 
     @classmethod
     def from_store_attrs(cls, attrs: dict) -> FlowSettings:
-        """Rebuild the settings of a ``frames.zarr`` from its root attrs (or its ``settings`` dict)."""
+        """Rebuild the settings of a ``frames.zarr`` from its root attrs (or its ``settings`` dict).
+
+        The bound is recorded once, in the ``flow`` array's attrs: pass it as ``attrs["flow_bound"]``
+        (stores written before that kept it in ``settings``).
+        """
         s = attrs.get("settings", attrs)
         if s.get("backend") not in BACKENDS[1:]:
             raise ValueError(f"not frames.zarr settings (backend {s.get('backend')!r})")
@@ -165,7 +167,7 @@ class FlowSettings:
         return cls(frames=int(s["frames"]), size=tuple(s["size"]), backend=s["backend"],
                    preset=s.get("preset", DEFAULT_DIS_PRESET), raft_variant=s.get("raft_variant", "large"),
                    raft_iters=int(s.get("raft_iters", 12)), raft_weights=s.get("raft_weights", ""),
-                   bound=float(s.get("flow_bound", FLOW_BOUND)),
+                   bound=float(attrs.get("flow_bound", s.get("flow_bound", FLOW_BOUND))),
                    # stores from before the codec settings were lossless zstd
                    rgb_codec=s.get("rgb_codec", "zstd"), rgb_quality=int(s.get("rgb_quality", DEFAULT_RGB_QUALITY)),
                    flow_codec=s.get("flow_codec", "zstd"),
@@ -779,17 +781,10 @@ def open_frames_store(cache: str | Path, settings: FlowSettings, manifest, *, vi
     """Create or reopen ``frames.zarr`` (concurrent ``--shard`` writers join the first one's store)."""
     from imdpipe.pipeline.store import StageStore
 
-    return StageStore.open(Path(cache) / STORE_NAME, stage=STAGE, settings=settings.to_store(),
+    return StageStore.open(FRAMES.path(cache), stage=FRAMES.stage, settings=settings.to_store(),
                            manifest_sha256=manifest.sha256, n_items=len(manifest), arrays=store_arrays(settings),
                            videos_per_shard=videos_per_shard, overwrite=overwrite,
                            attrs={"layout": "rgb/flow (video, time, y, x, channel)"})
-
-
-def _resolve_path(cache: Path, p: str) -> str:
-    q = Path(p)
-    if q.is_absolute() or not (cache / q).exists():
-        return str(q)
-    return str(cache / q)
 
 
 def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
@@ -862,7 +857,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                   f"size {size[0]}x{size[1]}, {settings.describe_codecs()}, shard {part}, {workers} worker(s)"
                   + (f" on {device}" if chosen == "raft" else ""))
     store = open_frames_store(cache, settings, manifest, videos_per_shard=videos_per_shard, overwrite=overwrite)
-    paths = [_resolve_path(cache, r.path) for r in manifest.records]
+    paths = [str(video_path(cache, r.path)) for r in manifest.records]
     if chosen == "raft":
         produce = raft_producer(settings, paths, model=model, device=device, workers=workers,
                                 batch_size=batch_size)
@@ -886,7 +881,6 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
 __all__ = [
     "DIS_PRESETS",
     "FARNEBACK_PARAMS",
-    "STORE_NAME",
     "DecodedVideo",
     "FlowSettings",
     "VideoError",

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-FLOW_BOUND = 20.0
+from imdpipe.contract import FLOW_BOUND
+
+__all__ = ["DEQUANT_FORMULA", "FLOW_BOUND", "QUANT_FORMULA", "dequantize", "flow_to_color", "hflip_flow", "quantize"]
 QUANT_FORMULA = "q = round(255 * (clip(v, -bound, bound) + bound) / (2 * bound))"
 DEQUANT_FORMULA = "v = q * (2 * bound) / 255 - bound"
 

@@ -12,8 +12,7 @@ import io
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-MANIFEST_NAME = "manifest.csv"
-LABELS_NAME = "labels.txt"
+from imdpipe.contract import LABELS_NAME, MANIFEST_NAME
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imdpipe.pipeline.store import ArraySpec, Partition, SettingsMismatch, StageStore, Summary, run_stage
+from imdpipe.contract import AUDIO, RELEVANCE, SAVLD, open_stage
+from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, run_stage
 
-STAGE = "relevance"
-STORE_NAME = "relevance.zarr"
-AUDIO_STORE = "audio.zarr"
 OVERLAPS = ("iou", "dice")
 
 
@@ -144,18 +142,16 @@ def audio_store_finished(cache: str | Path) -> tuple[bool, str]:
     """Whether ``cache/audio.zarr`` exists and every eligible video was attempted (done or error)."""
     from imdpipe.pipeline.manifest import read_manifest
 
-    path = Path(cache) / AUDIO_STORE
-    if not path.exists():
-        return False, f"{path} does not exist (run `imdpipe extract-audio` first)"
-    store = StageStore.open_existing(path, stage="audio")
     manifest = read_manifest(cache)
+    try:
+        store = StageStore(AUDIO.path(cache), open_stage(cache, AUDIO, n_videos=len(manifest)))
+    except (FileNotFoundError, ValueError) as e:
+        return False, str(e)
     ok = np.asarray(manifest.ok_indices(), dtype=int)
-    if store.n_items != len(manifest):
-        return False, f"{path} holds {store.n_items} videos, the manifest {len(manifest)}"
     done, err = store.done_mask(), store.errors()
     pending = [i for i in ok if not done[i] and not err[i]]
     if pending:
-        return False, f"{path} has {len(pending)} video(s) not yet processed (rerun extract-audio)"
+        return False, f"{store.path} has {len(pending)} video(s) not yet processed (rerun extract-audio)"
     return True, ""
 
 
@@ -209,14 +205,12 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
     cache = Path(cache)
     manifest = read_manifest(cache)
     if savld is None:
-        savld = cache / "savld.zarr"
+        savld = SAVLD.path(cache)
     if not isinstance(savld, Savld):
         savld = load_savld(savld)
-    audio = StageStore.open_existing(cache / AUDIO_STORE, stage="audio")
+    audio = StageStore(AUDIO.path(cache), open_stage(cache, AUDIO, manifest_sha256=manifest.sha256,
+                                                     n_videos=len(manifest)))
     a_attrs = audio.attrs
-    if a_attrs.get("manifest_sha256") not in (None, manifest.sha256):
-        raise SettingsMismatch(f"{audio.path} was built for another manifest.csv; rerun extract-audio "
-                               f"with --overwrite")
     audio_labels = a_attrs.get("audio_labels")
     if not audio_labels:
         raise ValueError(f"{audio.path} has no root attr 'audio_labels' (the audio model's id2label); "
@@ -237,8 +231,6 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
         raise ValueError(f"Ya (--ya) must be in [1, {C}] (the audio model's label count), got {ya}")
     logits_arr = audio["logits"]
     n, W = int(logits_arr.shape[0]), int(logits_arr.shape[1])
-    if n != len(manifest):
-        raise SettingsMismatch(f"{audio.path} holds {n} videos but the manifest has {len(manifest)}")
     if int(logits_arr.shape[2]) != C:
         raise ValueError(f"{audio.path}: logits have {logits_arr.shape[2]} labels, audio_labels {C}")
 
@@ -250,7 +242,7 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
                 "audio_model": audio_settings.get("model", a_attrs.get("model")),
                 "audio_windows": W}
     store = StageStore.open(
-        cache / STORE_NAME, stage=STAGE, settings=settings, manifest_sha256=manifest.sha256, n_items=n,
+        RELEVANCE.path(cache), stage=RELEVANCE.stage, settings=settings, manifest_sha256=manifest.sha256, n_items=n,
         arrays=[ArraySpec("target", (W,), "float32", ("window",),
                           attrs={"description": "normalised overlap in [0, 1]", "overlap": overlap,
                                  "normalization": _NORMALIZATION[overlap]}),

@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from imdpipe.contract import AUDIO, SAVLD
 from imdpipe.pipeline.store import SettingsMismatch, add_array, create_group, diff_settings, root_attrs
 
-STAGE = "savld"
-STORE_NAME = "savld.zarr"
 TEXT_NAME = "savld.txt"
 PLOTS_DIR = "plots"
 METRICS = ("cosine", "euclidean", "manhattan")
@@ -394,13 +393,13 @@ def load_savld(path: str | Path) -> Savld:
 
     path = Path(path)
     if path.is_dir() and path.suffix != ".zarr":
-        path = path / STORE_NAME
+        path = SAVLD.path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `imdpipe build-savld` first.")
     g = zarr.open_group(path, mode="r")
     attrs = dict(g.attrs)
-    if attrs.get("stage") != STAGE:
-        raise SettingsMismatch(f"{path} is a {attrs.get('stage')!r} store, expected {STAGE!r}")
+    if attrs.get("stage") != SAVLD.stage:
+        raise SettingsMismatch(f"{path} is a {attrs.get('stage')!r} store, expected {SAVLD.stage!r}")
     s = Savld(video_labels=list(attrs["video_labels"]), audio_labels=list(attrs["audio_labels"]),
               similarity=np.asarray(g["similarity"][:]), topk_index=np.asarray(g["topk_index"][:]),
               topk_score=np.asarray(g["topk_score"][:]), attrs=attrs)
@@ -413,7 +412,7 @@ def load_savld(path: str | Path) -> Savld:
 def _cache_audio_labels(cache: Path) -> list[str] | None:
     import zarr
 
-    p = cache / "audio.zarr"
+    p = AUDIO.path(cache)
     if not p.exists():
         return None
     labels = zarr.open_group(p, mode="r").attrs.get("audio_labels")
@@ -491,7 +490,7 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
     settings = {"encoder": model_id, "encoder_sha256": weights_sha256(model_dir), "metric": metric, "k": k,
                 "pooling": "mean", "normalize_embeddings": _sentence_transformers_normalizes(model_dir),
                 "label_normalization": "lowercase,underscore,camelcase(video)"}
-    store_path = out / STORE_NAME
+    store_path = SAVLD.path(out)
     if store_path.exists() and not overwrite:
         existing = load_savld(store_path)
         problems = diff_settings(existing.attrs.get("settings", {}), settings)
@@ -547,7 +546,7 @@ def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha25
     """
     out = Path(out)
     metric = settings.get("metric", savld.attrs.get("metric", ""))
-    root = root_attrs(STAGE, settings, manifest_sha256, metric=metric, k=savld.k,
+    root = root_attrs(SAVLD.stage, settings, manifest_sha256, metric=metric, k=savld.k,
                       video_labels=savld.video_labels, audio_labels=savld.audio_labels,
                       savld_sha256=savld.sha256, similarity_convention=SIMILARITY_CONVENTION, **attrs)
     out.mkdir(parents=True, exist_ok=True)
@@ -560,7 +559,7 @@ def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha25
         add_array(group, "topk_score", np.asarray(savld.topk_score, np.float32), ("video_label", "rank"),
                   metric=metric)
 
-    group = create_group(out / STORE_NAME, root, overwrite=overwrite, build=build)
+    group = create_group(SAVLD.path(out), root, overwrite=overwrite, build=build)
     savld.attrs = dict(group.attrs)
     write_savld_txt(out / TEXT_NAME, savld)
     if plot:

@@ -167,14 +167,15 @@ class TrainConfig:
             raise ValueError("num_workers and threads should be >= 0")
         self.model_config(num_classes=1)  # validates fusion/modalities/alpha/scheme together
 
-    def model_config(self, *, num_classes: int, audio_dim: int = 768):
-        """The :class:`imdpipe.heads.ModelConfig` this run trains."""
+    def model_config(self, *, num_classes: int, audio_dim: int = 768, flow_bound: float | None = None):
+        """The :class:`imdpipe.heads.ModelConfig` this run trains (``flow_bound``: the cache's)."""
         from imdpipe.heads import ModelConfig
 
+        extra = {} if flow_bound is None else {"flow_bound": flow_bound}
         return ModelConfig(num_classes=num_classes, size=self.size, fusion=self.fusion,
                            modalities=self.modalities, alpha=self.alpha, scheme=self.scheme,
                            audio_dim=audio_dim, num_frames=self.num_frames, img_size=self.crop_size,
-                           drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate)
+                           drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate, **extra)
 
     @property
     def clip(self) -> ClipSpec:

@@ -31,21 +31,15 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
+from imdpipe.contract import AST_WINDOW_S, AUDIO, FLOW_BOUND, FRAMES, RELEVANCE, open_stage
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
 from imdpipe.pipeline.manifest import Manifest, read_manifest
 from imdpipe.pipeline.shard_reader import ShardReader
 from imdpipe.pipeline.store import DONE, StoreDamaged, normalize_settings
 from imdpipe.train.config import ClipSpec
 
-FRAMES_STORE = "frames.zarr"
-AUDIO_STORE = "audio.zarr"
-RELEVANCE_STORE = "relevance.zarr"
-STAGES = {FRAMES_STORE: "flow", AUDIO_STORE: "audio", RELEVANCE_STORE: "relevance"}
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_FLOW_BOUND = 20.0
-DEFAULT_WINDOW_S = 10.24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,34 +84,21 @@ def open_cache(cache: str | Path, *, audio: bool, relevance: bool) -> CacheInfo:
     """
     root = Path(cache)
     manifest = read_manifest(root)
-    wanted = [FRAMES_STORE] + ([AUDIO_STORE] if audio or relevance else []) + ([RELEVANCE_STORE] if relevance else [])
-    hints = {FRAMES_STORE: "imdpipe extract-flow", AUDIO_STORE: "imdpipe extract-audio",
-             RELEVANCE_STORE: "imdpipe build-savld --cache (it writes relevance.zarr once audio.zarr is finished)"}
-    stores, provenance = {}, {}
-    for name in wanted:
-        path = root / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: run `{hints[name]} --cache {root}` first.")
-        group = zarr.open_group(path, mode="r")
-        prov = _store_provenance(group)
-        if prov["stage"] != STAGES[name]:
-            raise ValueError(f"{path} is a {prov['stage']!r} store, expected {STAGES[name]!r}")
-        if prov["manifest_sha256"] != manifest.sha256:
-            raise ValueError(f"{path} was built for another manifest.csv (the dataset was re-indexed since); "
-                             f"rebuild it with `{hints[name]} --cache {root} --overwrite`.")
-        if group[DONE].shape[0] != len(manifest):
-            raise ValueError(f"{path} holds {group[DONE].shape[0]} videos but the manifest has {len(manifest)}")
-        _check_integrity(path, group, f"{hints[name]} --cache {root}")
-        stores[name] = path
-        provenance[name] = prov
-    frames = zarr.open_group(stores[FRAMES_STORE], mode="r")
+    wanted = [FRAMES] + ([AUDIO] if audio or relevance else []) + ([RELEVANCE] if relevance else [])
+    stores, provenance, groups = {}, {}, {}
+    for store in wanted:
+        group = open_stage(root, store, manifest_sha256=manifest.sha256, n_videos=len(manifest))
+        stores[store.name], groups[store.name] = store.path(root), group
+        provenance[store.name] = _store_provenance(group)
+        _check_integrity(store.path(root), group, f"{store.command} --cache {root}")
+    frames = groups[FRAMES.name]
     n, T, H, W, _ = frames["rgb"].shape
-    bound = float(frames["flow"].attrs.get("bound", DEFAULT_FLOW_BOUND))
-    window_s, audio_dim = DEFAULT_WINDOW_S, 768
-    if AUDIO_STORE in stores:
-        ag = zarr.open_group(stores[AUDIO_STORE], mode="r")
-        window_s = float(ag.attrs.get("settings", {}).get("window_s", DEFAULT_WINDOW_S))
-        audio_dim = int(ag["embedding"].shape[-1])
+    bound = float(frames["flow"].attrs.get("bound", FLOW_BOUND))
+    provenance[FRAMES.name]["flow_bound"] = bound  # predict quantizes with it (recorded in checkpoints)
+    window_s, audio_dim = AST_WINDOW_S, 768
+    if AUDIO.name in groups:
+        window_s = float(groups[AUDIO.name].attrs.get("settings", {}).get("window_s", AST_WINDOW_S))
+        audio_dim = int(groups[AUDIO.name]["embedding"].shape[-1])
     prov = {"manifest_sha256": manifest.sha256, "labels": list(manifest.labels), "stores": provenance}
     return CacheInfo(root=root, manifest=manifest, stores=stores, frames_T=int(T), frame_size=(int(H), int(W)),
                      flow_bound=bound, window_s=window_s, audio_dim=audio_dim, provenance=prov)
@@ -158,7 +139,7 @@ def clip_fit_warnings(info: CacheInfo, clip: ClipSpec) -> list[str]:
 
 def relevance_settings(info: CacheInfo) -> dict:
     """K, Ya and the overlap measure of ``relevance.zarr`` (recorded into the run config)."""
-    prov = info.provenance["stores"].get(RELEVANCE_STORE)
+    prov = info.provenance["stores"].get(RELEVANCE.name)
     if prov is None:
         return {}
     settings = prov.get("settings", {})
@@ -223,7 +204,7 @@ def select_videos(info: CacheInfo, split: str) -> Selection:
         else:
             for name, mask in done.items():
                 if not mask[r.index]:
-                    why = f"{STAGES[name]} stage not done ({name})"
+                    why = f"{info.provenance['stores'][name]['stage']} stage not done ({name})"
                     break
         if why is None:
             keep.append(r.index)
@@ -454,9 +435,9 @@ class ClipDataset(Dataset):
         self.class_pool: dict[int, list[int]] = {}
         for i in self.indices:
             self.class_pool.setdefault(self.labels[i], []).append(i)
-        if self.read_audio and AUDIO_STORE not in self.stores:
+        if self.read_audio and AUDIO.name not in self.stores:
             raise ValueError("audio.zarr is needed for the audio modality or relevance targets")
-        if relevance and RELEVANCE_STORE not in self.stores:
+        if relevance and RELEVANCE.name not in self.stores:
             raise ValueError("relevance.zarr is needed for relevance targets")
         self._pid = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -504,11 +485,11 @@ class ClipDataset(Dataset):
     # -- audio ---------------------------------------------------------------------------------
     def _audio(self, index: int, t: float) -> tuple[np.ndarray, bool, float, int]:
         """Embedding, has_audio, relevance target and window of the window nearest time ``t``."""
-        starts = self._small(f"{AUDIO_STORE}/window_start_s")[index]
+        starts = self._small(f"{AUDIO.name}/window_start_s")[index]
         w = nearest_window(starts, self.window_s, t)
-        emb = np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index, w], dtype=np.float32)
-        has = bool(self._small(f"{AUDIO_STORE}/has_audio")[index])
-        target = float(self._small(f"{RELEVANCE_STORE}/target")[index, w]) if self.relevance else float("nan")
+        emb = np.asarray(self._array(f"{AUDIO.name}/embedding")[index, w], dtype=np.float32)
+        has = bool(self._small(f"{AUDIO.name}/has_audio")[index])
+        target = float(self._small(f"{RELEVANCE.name}/target")[index, w]) if self.relevance else float("nan")
         return emb, has, target, w
 
     # -- items ---------------------------------------------------------------------------------
@@ -548,10 +529,10 @@ class ClipDataset(Dataset):
         return StoreDamaged(damage_message(self.stores[store], damage, video_ids=self.video_ids, cache=self.root))
 
     def _reader(self, key: str) -> ShardReader:
-        name = f"reader:{FRAMES_STORE}/{key}"
+        name = f"reader:{FRAMES.name}/{key}"
         if self._pid != os.getpid() or name not in self._arrays:
-            self._arrays[name] = ShardReader(self._array(f"{FRAMES_STORE}/{key}"))
-        self._reading = f"{FRAMES_STORE}/{key}"
+            self._arrays[name] = ShardReader(self._array(f"{FRAMES.name}/{key}"))
+        self._reading = f"{FRAMES.name}/{key}"
         return self._arrays[name]
 
     def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
@@ -572,7 +553,7 @@ class ClipDataset(Dataset):
         if "flow" in self.modalities:
             out["flow"], out["flow_scale"] = crop_flow(self._read("flow", index, positions, box), clip.crop_size, flip)
         if self.read_audio:
-            t = clip_centre_time(self._small(f"{FRAMES_STORE}/frame_index")[index], positions, self.fps[index])
+            t = clip_centre_time(self._small(f"{FRAMES.name}/frame_index")[index], positions, self.fps[index])
             donor = index
             if swap:
                 pool = [j for j in self.class_pool[self.labels[index]] if j != index]
@@ -593,14 +574,14 @@ class ClipDataset(Dataset):
                 reader = self._reader(key)
                 frames[key] = np.zeros(reader.arr.shape[1:], reader.arr.dtype)
                 frames[key][used] = read_positions(reader, index, used)
-        fi = np.asarray(self._small(f"{FRAMES_STORE}/frame_index")[index])
+        fi = np.asarray(self._small(f"{FRAMES.name}/frame_index")[index])
         audio = None
         if self.read_audio:
-            audio = {"embedding": np.asarray(self._array(f"{AUDIO_STORE}/embedding")[index], dtype=np.float32),
-                     "window_start_s": self._small(f"{AUDIO_STORE}/window_start_s")[index],
-                     "has_audio": bool(self._small(f"{AUDIO_STORE}/has_audio")[index])}
+            audio = {"embedding": np.asarray(self._array(f"{AUDIO.name}/embedding")[index], dtype=np.float32),
+                     "window_start_s": self._small(f"{AUDIO.name}/window_start_s")[index],
+                     "has_audio": bool(self._small(f"{AUDIO.name}/has_audio")[index])}
             if self.relevance:
-                audio["target"] = np.asarray(self._small(f"{RELEVANCE_STORE}/target")[index], dtype=np.float32)
+                audio["target"] = np.asarray(self._small(f"{RELEVANCE.name}/target")[index], dtype=np.float32)
         out = eval_views(rgb=frames.get("rgb"), flow=frames.get("flow"), frame_index=fi, fps=self.fps[index],
                          audio=audio, clip=self.clip, clips=self.clips, crops=self.crops, flow_bound=self.flow_bound,
                          window_s=self.window_s)
@@ -619,8 +600,8 @@ def _raised_by_zarr(error: BaseException) -> bool:
 
 
 def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: np.ndarray, fps: float,
-               audio: dict | None, clip: ClipSpec, clips: int, crops: int, flow_bound: float = DEFAULT_FLOW_BOUND,
-               window_s: float = DEFAULT_WINDOW_S) -> dict:
+               audio: dict | None, clip: ClipSpec, clips: int, crops: int, flow_bound: float = FLOW_BOUND,
+               window_s: float = AST_WINDOW_S) -> dict:
     """The ``clips x crops`` test views of one video's cached arrays (clip-major order).
 
     Args:

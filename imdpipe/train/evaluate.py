@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from imdpipe.contract import FLOW_BOUND, GROUND_TRUTH_NAME, video_path
 from imdpipe.train.config import TrainConfig
 from imdpipe.train.data import (
     ClipDataset,
@@ -40,8 +41,6 @@ from imdpipe.train.runtime import (
     run_dir_checkpoint,
     select_device,
 )
-
-GROUND_TRUTH_NAME = "ground_truth.csv"
 
 
 def mann_whitney_auc(scores, positives) -> float | None:
@@ -80,14 +79,13 @@ def find_ground_truth(cache: Path, video_paths: list[str]) -> Path | None:
     """``ground_truth.csv`` in the cache or its parent, else up to 3 levels above the videos."""
     candidates = [cache / GROUND_TRUTH_NAME, cache.parent / GROUND_TRUTH_NAME]
     if video_paths:
-        p = Path(video_paths[0])
-        p = p if p.is_absolute() else cache / p
+        p = video_path(cache, video_paths[0])
         candidates += [parent / GROUND_TRUTH_NAME for parent in list(p.parents)[:3]]
     return next((c for c in candidates if c.is_file()), None)
 
 
 @torch.no_grad()
-def score_views(model, loader, *, modalities, device, amp: bool, flow_bound: float = 20.0, progress=None,
+def score_views(model, loader, *, modalities, device, amp: bool, flow_bound: float = FLOW_BOUND, progress=None,
                 task=None):
     """Forward every view of every video; returns per-video softmax averaged over views and per-view rev.
 

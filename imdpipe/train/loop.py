@@ -333,7 +333,7 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
                                     num_workers=min(config.num_workers, 1))
 
     seed_everything(config.seed)
-    model_cfg = config.model_config(num_classes=len(info.labels), audio_dim=info.audio_dim)
+    model_cfg = config.model_config(num_classes=len(info.labels), audio_dim=info.audio_dim, flow_bound=info.flow_bound)
     raw_model = build_model(model_cfg, init_checkpoint=config.init_checkpoint if ckpt is None else None).to(device)
     optimizer = build_optimizer(raw_model, config)
     total_steps = steps_per_epoch * config.epochs

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from imdpipe.contract import AST_WINDOW_S, AUDIO, FRAMES
 from imdpipe.train.config import TrainConfig
-from imdpipe.train.data import AUDIO_STORE, FRAMES_STORE, eval_views, prepare_inputs
+from imdpipe.train.data import eval_views, prepare_inputs
 from imdpipe.train.runtime import (
     autocast_context,
     load_checkpoint,
@@ -40,8 +41,8 @@ def video_fps(path: str | Path) -> float:
 def _flow_settings(ckpt: dict):
     from imdpipe.pipeline.flow import FlowSettings
 
-    prov = ckpt["provenance"]["stores"][FRAMES_STORE]
-    return FlowSettings.from_store_attrs({"settings": prov["settings"]})
+    prov = ckpt["provenance"]["stores"][FRAMES.name]
+    return FlowSettings.from_store_attrs(prov)
 
 
 def _raft_model(settings, flow_weights, device):
@@ -59,7 +60,7 @@ def _audio_model(ckpt: dict, device):
     """The AST the run's audio.zarr was built with, refusing another checkpoint."""
     from imdpipe.pipeline.audio import load_audio_model
 
-    settings = ckpt["provenance"]["stores"][AUDIO_STORE]["settings"]
+    settings = ckpt["provenance"]["stores"][AUDIO.name]["settings"]
     net, fe, info = load_audio_model(settings["model"], device=device, dtype=settings.get("dtype"))
     if settings.get("model_sha256") and info["model_sha256"] != settings["model_sha256"]:
         raise ValueError(f"{settings['model']} is not the AST checkpoint the run's audio.zarr was built with "
@@ -100,7 +101,7 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
     audio_net = fe = audio_settings = None
     if config.uses_audio:
         audio_net, fe, audio_settings = _audio_model(ckpt, dev)
-    window_s = float((audio_settings or {}).get("window_s", 10.24))
+    window_s = float((audio_settings or {}).get("window_s", AST_WINDOW_S))
     clips = clips or 4
     crops = crops or 3
     results = []

@@ -192,7 +192,10 @@ def model_from_checkpoint(ckpt: dict, device: torch.device):
     """Rebuild the model a checkpoint was trained as and load its weights."""
     from imdpipe.heads import ModelConfig, build_model
 
-    model = build_model(ModelConfig(**ckpt["model_config"]))
+    cfg = dict(ckpt["model_config"])
+    if "flow_scale" in cfg:  # checkpoints written before the name said what it is
+        cfg["flow_bound"] = cfg.pop("flow_scale")
+    model = build_model(ModelConfig(**cfg))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

@@ -529,3 +529,22 @@ def test_config_round_trip_and_validation():
         fusion = kw.pop("fusion", "imd")
         with pytest.raises(ValueError):
             make_cfg(fusion, **kw)
+
+
+def test_fusions_accept_only_their_own_options():
+    from imdpipe.heads import build_fusion
+
+    layer = build_fusion("imd", 16, 16, 16, hidden_dim=8, alpha=0.5, scheme="W", drop=0.0)
+    assert layer.imd.alpha == 0.5 and layer.imd.scheme == "W"
+    assert build_fusion("avc", 16, 16, 16, avc_dim=4).out_dim == 4
+    assert build_fusion("nl-gate", 16, 16, 16, num_tokens=4).num_tokens == 4
+    with pytest.raises(ValueError, match="'gmu' takes no option 'alpha'; its options: none"):
+        build_fusion("gmu", 16, 16, 16, alpha=0.25)
+    with pytest.raises(ValueError, match="'imd' takes no option 'alpah'.*alpha"):
+        build_fusion("imd", 16, 16, 16, alpah=0.25)
+    with pytest.raises(ValueError, match="'avc' takes no option 'num_tokens'; its options: avc_dim"):
+        build_fusion("avc", 16, 16, 16, num_tokens=4)
+    with pytest.raises(ValueError, match="fusion should be one of"):
+        build_fusion("concat", 16, 16, 16)
+    for fusion in FUSIONS:  # the model hands each fusion only what it takes
+        build_model(make_cfg(fusion))

@@ -14,7 +14,7 @@ from .names import FUSIONS, MODALITIES, SIZES
 _LAZY = {
     "AudioBottleneck": "audio",
     "FUSION_LAYERS": "fusion", "IMDFusion": "fusion", "IrrelevantModalityDropout": "fusion",
-    "RelevanceNetwork": "fusion", "irrelevant_modality_dropout": "fusion",
+    "RelevanceNetwork": "fusion", "build_fusion": "fusion", "irrelevant_modality_dropout": "fusion",
     "ModelConfig": "model", "MultimodalActionModel": "model", "build_model": "model",
     "FactorizedBlock": "visual", "SpatialBlock": "visual", "TwoStreamTransformer": "visual",
     "VisualConfig": "visual", "VisualTransformer": "visual", "build_two_stream": "visual",
@@ -46,6 +46,7 @@ __all__ = [
     "TwoStreamTransformer",
     "VisualConfig",
     "VisualTransformer",
+    "build_fusion",
     "build_model",
     "build_two_stream",
     "irrelevant_modality_dropout",

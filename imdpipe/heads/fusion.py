@@ -51,6 +51,8 @@ Baselines (FIELD_NOTES, "Fusion baselines")
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from timm.layers import Mlp
 from torch import nn
@@ -68,6 +70,7 @@ __all__ = [
     "RelevanceNetwork",
     "SEGateFusion",
     "VisualOnly",
+    "build_fusion",
     "irrelevant_modality_dropout",
 ]
 
@@ -167,7 +170,6 @@ class IMDFusion(nn.Module):
         drop: float = 0.0,
         device=None,
         dtype=None,
-        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -197,7 +199,7 @@ class LateConcatFusion(nn.Module):
     """``z = W [v; a] + b``."""
 
     def __init__(
-        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object
+        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None
     ):
         super().__init__()
         self.out_dim = out_dim
@@ -211,7 +213,7 @@ class GMUFusion(nn.Module):
     """Gated multimodal unit: ``g * tanh(W_v v) + (1 - g) * tanh(W_a a)``, ``g = sigmoid(W_z [v; a])``."""
 
     def __init__(
-        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None, **_: object
+        self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -238,7 +240,6 @@ class SEGateFusion(nn.Module):
         *,
         device=None,
         dtype=None,
-        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -264,7 +265,6 @@ class NLGateFusion(nn.Module):
         num_tokens: int = 8,
         device=None,
         dtype=None,
-        **_: object,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -301,7 +301,6 @@ class AVCFusion(nn.Module):
         avc_dim: int = 128,
         device=None,
         dtype=None,
-        **_: object,
     ) -> None:
         super().__init__()
         self.out_dim = avc_dim
@@ -314,8 +313,8 @@ class AVCFusion(nn.Module):
 class VisualOnly(nn.Module):
     """``z = v`` (fusion ``none``)."""
 
-    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, **_: object) -> None:
-        super().__init__()
+    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()  # no parameters: device and dtype are accepted like every fusion's
         self.out_dim = visual_dim
 
     def forward(self, v: torch.Tensor, a: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
@@ -325,8 +324,8 @@ class VisualOnly(nn.Module):
 class AudioOnly(nn.Module):
     """``z = a`` (fusion ``audio-only``)."""
 
-    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, **_: object) -> None:
-        super().__init__()
+    def __init__(self, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()  # no parameters: device and dtype are accepted like every fusion's
         self.out_dim = audio_dim
 
     def forward(self, v: torch.Tensor | None, a: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -343,3 +342,24 @@ FUSION_LAYERS: dict[str, type[nn.Module]] = {
     "none": VisualOnly,
     "audio-only": AudioOnly,
 }
+
+
+def build_fusion(name: str, visual_dim: int, audio_dim: int, out_dim: int, *, device=None, dtype=None,
+                 **options) -> nn.Module:
+    """The fusion layer ``name`` with its own ``options`` (e.g. ``alpha`` for ``imd``).
+
+    Raises:
+        ValueError: an unknown fusion, or an option this fusion does not take (named, with the
+            options it does take), so a misspelled option is never silently ignored.
+    """
+    if name not in FUSION_LAYERS:
+        raise ValueError(f"fusion should be one of {tuple(FUSION_LAYERS)}, got {name!r}")
+    cls = FUSION_LAYERS[name]
+    params = inspect.signature(cls).parameters
+    takes = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY
+             and p not in ("device", "dtype")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"fusion {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(takes) or 'none'}")
+    return cls(visual_dim, audio_dim, out_dim, device=device, dtype=dtype, **options)

@@ -31,7 +31,7 @@ from torch import nn
 from imdpipe.contract import FLOW_BOUND
 
 from .audio import AudioBottleneck
-from .fusion import FUSION_LAYERS, SCHEMES, IMDFusion
+from .fusion import SCHEMES, IMDFusion, build_fusion
 from .visual import VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
 
 __all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
@@ -140,6 +140,17 @@ class ModelConfig:
         )
 
 
+def _fusion_options(cfg: ModelConfig, hidden_dim: int) -> dict:
+    """The ModelConfig fields the chosen fusion takes (each fusion accepts only its own)."""
+    if cfg.fusion == "imd":
+        return {"hidden_dim": hidden_dim, "alpha": cfg.alpha, "scheme": cfg.scheme, "drop": cfg.drop_rate}
+    if cfg.fusion == "avc":
+        return {"avc_dim": cfg.avc_dim}
+    if cfg.fusion == "nl-gate":
+        return {"num_tokens": cfg.nl_tokens}
+    return {}
+
+
 class MultimodalActionModel(nn.Module):
     """Streams, audio bottleneck, fusion, classifier: ``forward(rgb, flow, audio) -> (logits, rev)``.
 
@@ -159,18 +170,8 @@ class MultimodalActionModel(nn.Module):
             if "audio" in cfg.modalities
             else None
         )
-        self.fusion = FUSION_LAYERS[cfg.fusion](
-            visual_dim,
-            fusion_dim,
-            fusion_dim,
-            hidden_dim=hidden_dim,
-            alpha=cfg.alpha,
-            scheme=cfg.scheme,
-            drop=cfg.drop_rate,
-            avc_dim=cfg.avc_dim,
-            num_tokens=cfg.nl_tokens,
-            **dd,
-        )
+        self.fusion = build_fusion(cfg.fusion, visual_dim, fusion_dim, fusion_dim, **dd,
+                                   **_fusion_options(cfg, hidden_dim))
         self.head_norm = nn.LayerNorm(self.fusion.out_dim, **dd)  # Eq. 9
         self.head = Mlp(self.fusion.out_dim, hidden_dim, cfg.num_classes, drop=cfg.drop_rate, **dd)
 

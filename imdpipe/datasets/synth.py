@@ -533,7 +533,7 @@ def synth_dataset(out: str | Path, *, seed: int = 0, videos_per_class: int = 16,
                   sample_rate: int = 16000, test_fraction: float = 0.25, soundbank_clips: int = 240,
                   soundbank_duration_s: float = 2.0, workers: int = 0, overwrite: bool = False,
                   console=None, show_progress: bool = True) -> SynthSummary:
-    """Write the synthetic dataset into ``out`` (layout in ``docs/_sections/index.md``).
+    """Write the synthetic dataset into ``out`` (layout in cache_layout.md, "Synthetic dataset").
 
     Args:
         out: output directory.

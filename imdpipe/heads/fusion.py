@@ -33,8 +33,8 @@ test time too), so unlike timm's ``drop_path`` the pure function takes no ``trai
 Gradients reach the relevance network through the product ``a * rev`` when the audio is kept;
 a dropped clip passes no gradient to ``rev`` through the classification loss.
 
-Baselines (FIELD_NOTES, "Fusion baselines")
--------------------------------------------
+Baselines
+---------
 * ``late-concat`` (Wang et al., "What makes training multi-modal classification networks
   hard?"): ``z = W [v; a] + b``.
 * ``gmu`` (Arevalo et al.): ``h_v = tanh(W_v v)``, ``h_a = tanh(W_a a)``,

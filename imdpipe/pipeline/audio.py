@@ -4,7 +4,7 @@ The paper keeps the AST frozen and trains only a small audio bottleneck on its p
 embedding; the AST's multi-label predictions drive the relevance targets. So every clip's AST
 output is computed once here and cached.
 
-Pipeline per video (../shared/FIELD_NOTES.md, "AST, the frozen audio model"):
+Pipeline per video:
 
 1. :func:`decode_audio`: PyAV decode of the first audio track, resampled to 16 kHz with PyAV's
    ``AudioResampler`` *keeping the channel layout*, then mono = the plain mean of the channels

@@ -10,8 +10,8 @@ segment centres, :func:`sample_positions`) and stores, at each position ``t``:
   pair (last - 1 -> last), i.e. the motion that ends at it, with the same sign convention.
 
 A video with fewer than ``T`` frames repeats positions; its ``repeated`` flag is set. The paper
-consumes 8-frame RGB and 2-channel flow clips with the same sampling (../shared/FIELD_NOTES.md);
-the trainer takes its clips and the 4x3 test views from these ``T`` positions.
+consumes 8-frame RGB and 2-channel flow clips with the same sampling; the trainer takes its clips
+and the 4x3 test views from these ``T`` positions.
 
 Backends: OpenCV DIS (default on CPU, presets below), Farneback, TV-L1 (opencv-contrib only) and
 torchvision RAFT (default on CUDA when weights are available; runs on CPU too, never by default).
@@ -48,11 +48,11 @@ DEFAULT_CPU_BACKEND = "dis"
 
 # DIS parameters per preset: (finest_scale, patch_size, patch_stride, gradient_descent_iterations,
 # variational_refinement_iterations). ultrafast/fast/medium are OpenCV's presets; "balanced" is
-# ours: medium's EPE on the known-motion clips of benchmarks/bench_flow.py at ~2.5x its speed
-# (stride 6 instead of 3, 8 gradient-descent iterations, 1 refinement iteration: 3 refinement
-# iterations cost 30% more time for no EPE gain in a grid over these five parameters). It is the
-# default: within ~5% of Farneback's EPE on H.264 clips at 1/5 of its time. No DIS setting faster
-# than Farneback reached Farneback's EPE on those clips (see the README's flow benchmark).
+# ours (stride 6 instead of medium's 3, 8 gradient-descent iterations, 1 refinement iteration: 3
+# refinement iterations cost 30% more time for no EPE gain in a grid over these five parameters).
+# It is the default: on the known-motion clips of benchmarks/bench_flow.py, end to end, within 2%
+# of Farneback's end-point error at 3.6x its speed, and 2x medium's speed (the README's flow
+# benchmark, which also gives the limits of that claim).
 DIS_PRESETS: dict[str, dict[str, int]] = {
     "ultrafast": {"finest_scale": 2, "patch_size": 8, "patch_stride": 4, "gd_iters": 12, "vr_iters": 0},
     "fast": {"finest_scale": 2, "patch_size": 8, "patch_stride": 4, "gd_iters": 16, "vr_iters": 5},

@@ -5,9 +5,8 @@ with bound 20, then map linearly to [0, 255] with rounding,
 
     q = round(255 * (clip(v, -bound, bound) + bound) / (2 * bound)),
 
-so zero motion is 127.5 (stored as 128) and one quantization step is 40/255 ~ 0.157 px
-(../shared/FIELD_NOTES.md, "Optical flow conventions"). Channel 0 is x (right positive), channel 1
-is y (down positive), in pixels of the stored frame.
+so zero motion is 127.5 (stored as 128) and one quantization step is 40/255 ~ 0.157 px.
+Channel 0 is x (right positive), channel 1 is y (down positive), in pixels of the stored frame.
 
 Every function takes numpy arrays or torch tensors and returns the same kind. Layouts:
 

@@ -8,7 +8,7 @@ A per-video stage store (``frames.zarr``, ``audio.zarr``, ``relevance.zarr``) ho
   shard also owns its flags;
 * root attrs ``imdpipe_version``, ``stage``, ``created``, ``settings`` and ``manifest_sha256``.
 
-Rules, learned the hard way (see ../shared/FIELD_NOTES.md "Storage facts"):
+Rules, learned the hard way:
 
 * Two writers touching chunks of the same shard lose data, so the unit of work handed to a
   writer is a whole shard (:func:`partition_shards`), and a process writes a shard in one

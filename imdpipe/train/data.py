@@ -8,8 +8,8 @@ training video of the same class instead (intra-class cross-modality augmentatio
 
 An evaluation item is one video with ``clips x crops`` views (paper 4.1: 4 x 3): temporal clips
 evenly spaced over the cached positions, and left/centre/right squares of the frame's short side
-(the same as resizing the short side to the crop size, then cropping; FIELD_NOTES "Multi-view
-test"), each view with the audio window covering its clip.
+(the same as resizing the short side to the crop size, then cropping), each view with the audio
+window covering its clip.
 
 Resizing a flow field by a factor also scales its displacements by that factor, so flow stays in
 pixels of the model's input. Randomness comes from ``(seed, epoch, video index)`` only, so a

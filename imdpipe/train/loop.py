@@ -1,6 +1,6 @@
 """The training loop: ``train(cache=..., out=..., config=...)`` writes a run directory.
 
-Run directory (see docs/_sections/train.md)::
+Run directory (cache_layout.md, "Run directory")::
 
     RUN/config.yaml          the resolved TrainConfig (replay with --config RUN/config.yaml)
     RUN/checkpoint-last.pt   model, optimizer, scheduler, RNG states, config, cache provenance

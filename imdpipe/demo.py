@@ -79,6 +79,7 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     from imdpipe.pipeline.index import build_index
     from imdpipe.pipeline.relevance import build_relevance
     from imdpipe.pipeline.savld import build_savld
+    from imdpipe.pipeline.store import print_summary
     from imdpipe.train.config import TrainConfig
     from imdpipe.train.evaluate import evaluate
     from imdpipe.train.loop import train
@@ -115,8 +116,8 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
         else:
             console.print(f"reusing {cache / 'manifest.csv'}")
     with step("4. extract-flow"):
-        extract_flow(cache=cache, backend="auto", frames=s.frames, size=s.video_size, console=console,
-                     show_progress=show_progress)
+        print_summary(extract_flow(cache=cache, backend="auto", frames=s.frames, size=s.video_size,
+                                   console=console, show_progress=show_progress), console)
     with step("5. extract-audio"):
         extract_audio(cache=cache, model=tagger_dir, console=console, show_progress=show_progress)
     with step("6. build-savld + relevance targets"):

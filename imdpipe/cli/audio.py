@@ -14,6 +14,7 @@ from imdpipe.cli.options import (
     ShardOpt,
     StrictOpt,
     VideosPerShardOpt,
+    cli_errors,
     exit_for,
 )
 from imdpipe.contract import AST_WINDOW_S
@@ -56,16 +57,13 @@ def extract_audio_cmd(
     from rich.console import Console
 
     from imdpipe.pipeline.audio import ModelUnavailable, extract_audio
-    from imdpipe.pipeline.store import DiskFull, SettingsMismatch, print_summary
+    from imdpipe.pipeline.store import print_summary
 
     console = Console(stderr=True)
-    try:
+    with cli_errors(ModelUnavailable):
         summary = extract_audio(cache=cache, model=model, windows=windows, batch_size=batch_size,
                                 workers=workers, dtype=dtype, device=device, shard=shard, overwrite=overwrite,
                                 videos_per_shard=videos_per_shard, console=console, show_progress=not quiet)
-    except (ModelUnavailable, SettingsMismatch, FileNotFoundError, ValueError, DiskFull) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     print_summary(summary, console)
     exit_for(summary, strict)
 
@@ -83,11 +81,8 @@ def export_cmd(
     """
     from imdpipe.pipeline.export import export_store
 
-    try:
+    with cli_errors():
         path = export_store(store, out, overwrite=overwrite, compression=compression)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(f"wrote {path}")
 
 
@@ -126,11 +121,8 @@ def train_tagger_cmd(
     """
     from imdpipe.train.tagger import TaggerSettings, train_tagger
 
-    try:
+    with cli_errors():
         settings = TaggerSettings(epochs=epochs, hidden_size=hidden_size, layers=layers, heads=heads,
                                   patch_stride=patch_stride, max_length=max_length, batch_size=batch_size,
                                   lr=lr, seed=seed, val_fraction=val_fraction)
         train_tagger(soundbank, out, settings=settings, overwrite=overwrite, device=device)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None

@@ -14,17 +14,10 @@ from imdpipe.cli.options import (
     ShardOpt,
     StrictOpt,
     VideosPerShardOpt,
+    cli_errors,
     exit_for,
+    parse_size,
 )
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"256x340"`` -> (256, 340) (height x width)."""
-    try:
-        h, w = (int(p) for p in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"--size takes HxW, for example 256x340; got {text!r}") from None
-    return h, w
 
 
 def extract_flow_cmd(
@@ -89,16 +82,14 @@ def extract_flow_cmd(
     recorded and summarised.
     """
     from imdpipe.pipeline.flow import extract_flow
-    from imdpipe.pipeline.store import DiskFull, SettingsMismatch
+    from imdpipe.pipeline.store import print_summary
 
-    try:
+    with cli_errors(RuntimeError):
         summary = extract_flow(cache=cache, backend=backend, frames=frames, size=parse_size(size), preset=preset,
                                raft_variant=raft_variant, raft_iters=raft_iters, workers=workers,
                                batch_size=batch_size, device=device, flow_weights=flow_weights, shard=shard,
-                               overwrite=overwrite, strict=strict, videos_per_shard=videos_per_shard,
+                               overwrite=overwrite, videos_per_shard=videos_per_shard,
                                rgb_codec=rgb_codec, rgb_quality=rgb_quality, flow_codec=flow_codec,
                                flow_quality=flow_quality, show_progress=not quiet)
-    except (SettingsMismatch, FileNotFoundError, ValueError, RuntimeError, DiskFull) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
+    print_summary(summary)
     exit_for(summary, strict)

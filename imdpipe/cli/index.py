@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imdpipe.cli.options import CacheOpt, QuietOpt, StrictOpt, WorkersOpt
+from imdpipe.cli.options import CacheOpt, QuietOpt, StrictOpt, WorkersOpt, cli_errors
 
 
 def index_cmd(
@@ -44,16 +44,13 @@ def index_cmd(
     """
     from rich.console import Console
 
-    from imdpipe.pipeline.index import DatasetLayoutError, print_index_summary, run_index
+    from imdpipe.pipeline.index import print_index_summary, run_index
 
     console = Console(stderr=True)
-    try:
+    with cli_errors():
         manifest, summary = run_index(cache=cache, root=root, annotations=annotations or None, splits=splits,
                                       split_id=split_id, labels=labels, workers=workers, overwrite=overwrite,
                                       console=console, show_progress=not quiet)
-    except (DatasetLayoutError, FileExistsError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     print_index_summary(manifest, summary, console)
     if strict and summary.failed:
         typer.echo(f"{summary.failed} video(s) could not be read (--strict).", err=True)

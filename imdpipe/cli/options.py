@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +23,34 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero if any 
 VideosPerShardOpt = Annotated[int, typer.Option("--videos-per-shard", min=1, help="Videos per Zarr shard "
                                                 "file; also the unit of work handed to one writer.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+@contextmanager
+def cli_errors(*also: type[BaseException]):
+    """Print a library error the user can fix as one ``error: ...`` line and exit with status 2.
+
+    Catches ``ValueError`` (bad settings, refused stores), ``FileNotFoundError``,
+    ``FileExistsError`` and a full disk (:class:`~imdpipe.pipeline.store.DiskFull`), plus the
+    exception types in ``also``; anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except Exception as e:
+        from imdpipe.pipeline.store import DiskFull  # imported only when something failed: the CLI starts fast
+
+        if not isinstance(e, (ValueError, FileNotFoundError, FileExistsError, DiskFull, *also)):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
+    """``"256x340"`` -> ``(256, 340)`` (height x width)."""
+    try:
+        h, w = (int(p) for p in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes HxW, for example 256x340; got {text!r}") from None
+    return h, w
 
 
 def exit_for(summary, strict: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imdpipe.cli.options import OverwriteOpt, QuietOpt, ShardOpt, StrictOpt, exit_for
+from imdpipe.cli.options import OverwriteOpt, QuietOpt, ShardOpt, StrictOpt, cli_errors, exit_for
 from imdpipe.contract import SAVLD
 
 
@@ -59,7 +59,7 @@ def build_savld_cmd(
 
     from imdpipe.pipeline import relevance as rel
     from imdpipe.pipeline import savld as sv
-    from imdpipe.pipeline.store import DiskFull, Partition, SettingsMismatch, print_summary
+    from imdpipe.pipeline.store import Partition, print_summary
 
     console = Console(stderr=True)
     if metric not in sv.METRICS:
@@ -71,7 +71,7 @@ def build_savld_cmd(
                                  param_hint="--video-labels")
     if cache is None and out is None:
         raise typer.BadParameter("pass --out (or --cache to write into the cache)", param_hint="--out")
-    try:
+    with cli_errors():
         part = Partition.parse(shard)
         vl = sv.resolve_video_labels(video_labels) if video_labels else None
         al = sv.resolve_audio_labels(audio_labels) if audio_labels else None
@@ -81,9 +81,6 @@ def build_savld_cmd(
                                out=out, plot=plot, cache=cache, overwrite=overwrite, device=device,
                                threads=threads or None,
                                video_source=video_labels, audio_source=audio_labels, console=console)
-    except (ValueError, FileNotFoundError, FileExistsError, SettingsMismatch) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(code=2) from None
     dest = Path(out or cache)
     info = sv.describe(d)
     console.print(f"SAVLD: {info['video_labels']} video x {info['audio_labels']} audio labels, k={info['k']}, "
@@ -94,17 +91,12 @@ def build_savld_cmd(
 
     if cache is None or not relevance:
         return
-    finished, why = rel.audio_store_finished(cache)
-    if not finished:
-        console.print(f"relevance targets not built: {why}. Rerun build-savld --cache {cache} afterwards.")
+    with cli_errors():
+        result = rel.build_relevance_when_audio_done(cache=cache, savld=d, K=relevance_k, ya=ya, overlap=overlap,
+                                                     alpha=alpha, overwrite=overwrite, part=part, console=console,
+                                                     show_progress=not quiet)
+    if result is None:
         return
-    try:
-        result = rel.build_relevance(cache=cache, savld=d, K=relevance_k, ya=ya, overlap=overlap, alpha=alpha,
-                                     overwrite=overwrite, part=part, console=console,
-                                     show_progress=not quiet)
-    except (ValueError, FileNotFoundError, SettingsMismatch, DiskFull) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(code=2) from None
     print_summary(result.summary, console)
     rel.print_relevance_table(result, console)
     exit_for(result.summary, strict)

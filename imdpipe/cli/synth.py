@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imdpipe.cli.options import QuietOpt, WorkersOpt
-
-
-def _size(value: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"expected HxW such as 112x112, got {value!r}") from None
-    return h, w
+from imdpipe.cli.options import QuietOpt, WorkersOpt, cli_errors, parse_size
 
 
 def synth_cmd(
@@ -50,14 +42,11 @@ def synth_cmd(
     from imdpipe.datasets.synth import synth_dataset
 
     console = Console(stderr=True)
-    try:
-        s = synth_dataset(out, seed=seed, videos_per_class=videos_per_class, size=_size(size),
+    with cli_errors():
+        s = synth_dataset(out, seed=seed, videos_per_class=videos_per_class, size=parse_size(size),
                           duration_s=duration, fps=fps, test_fraction=test_fraction,
                           soundbank_clips=soundbank_clips, workers=workers, overwrite=overwrite,
                           console=console, show_progress=not quiet)
-    except (FileExistsError, ValueError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     table = Table(title=f"synth summary (seed {seed})")
     for col in ("class", "visual", "relevant sound", "train", "test", "relevant", "irrelevant", "no audio"):
         table.add_column(col, justify="left" if col in ("class", "visual", "relevant sound") else "right")

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imdpipe.cli.options import CacheOpt
+from imdpipe.cli.options import CacheOpt, cli_errors
 from imdpipe.train.config import FIELD_HELP, TrainConfig
 
 _FIELDS = [f for f in fields(TrainConfig) if f.name in FIELD_HELP]
@@ -111,13 +111,8 @@ def train_cmd(
             cfg = base.replace(**overrides)
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
-    from imdpipe.pipeline.store import DiskFull
-
-    try:
+    with cli_errors():
         train(cache=cache, out=out, config=cfg, resume=resume, show_progress=not quiet)
-    except (FileNotFoundError, FileExistsError, ValueError, DiskFull) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def _derive_signature(cmd) -> None:
@@ -158,13 +153,10 @@ def evaluate_cmd(
     """Score a trained run on a split with multi-view testing; write metrics.json and confusion.png."""
     from imdpipe.train.evaluate import evaluate
 
-    try:
+    with cli_errors():
         evaluate(run=run, cache=cache, split=split, crops=crops, clips=clips, ground_truth=ground_truth,
                  checkpoint=checkpoint, batch_size=batch_size, num_workers=num_workers, device=device, out=out,
                  show_progress=not quiet)
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def predict_cmd(
@@ -184,11 +176,8 @@ def predict_cmd(
     then the model; prints the top classes, rev and whether the audio was used."""
     from imdpipe.train.predict import predict
 
-    try:
+    with cli_errors(OSError):
         results = predict(run=run, videos=videos, checkpoint=checkpoint, clips=clips, crops=crops, top_k=top_k,
                           device=device, flow_weights=flow_weights)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     if any("error" in r for r in results):
         raise typer.Exit(code=1)

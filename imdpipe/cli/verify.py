@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from imdpipe.cli.options import CacheOpt
+from imdpipe.cli.options import CacheOpt, cli_errors
 
 
 def verify_cmd(
@@ -27,11 +27,8 @@ def verify_cmd(
     from imdpipe.pipeline.integrity import print_report, verify_cache
 
     console = Console(stderr=True)
-    try:
+    with cli_errors():
         report = verify_cache(cache, repair=repair)
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     print_report(report, console)
     if report.unresolved:
         raise typer.Exit(code=1)

@@ -500,7 +500,7 @@ def default_workers(device: torch.device) -> int:
 
 def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windows: int = 1,
                   batch_size: int = 8, workers: int | None = None, dtype: str | None = None, device=None,
-                  shard: str | Partition | None = None, overwrite: bool = False, strict: bool = False,
+                  shard: str | Partition | None = None, overwrite: bool = False,
                   videos_per_shard: int = 16, console=None, show_progress: bool = True) -> Summary:
     """Build ``CACHE/audio.zarr``: AST embeddings and logits of every ok video in the manifest.
 
@@ -519,7 +519,6 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
             under torchrun, made the current device.
         shard: ``"i/n"`` or a Partition: process only this writer's shards.
         overwrite: rebuild the store from nothing.
-        strict: accepted for the CLI's exit code; failures are always recorded.
         videos_per_shard: videos per Zarr shard file / unit of work.
         console: rich console for progress and messages.
         show_progress: draw a progress bar.
@@ -527,7 +526,6 @@ def extract_audio(*, cache: str | Path, model: str | Path = DEFAULT_MODEL, windo
     Returns:
         The run's :class:`~imdpipe.pipeline.store.Summary`.
     """
-    del strict  # the CLI turns failures into an exit code
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
     if batch_size < 1:

@@ -791,7 +791,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                  size: tuple[int, int] = (256, 340), preset: str = DEFAULT_DIS_PRESET,
                  raft_variant: str = "large", raft_iters: int = 12, workers: int | None = None,
                  batch_size: int = 32, device: str | None = None, flow_weights: str | Path | None = None,
-                 shard=None, overwrite: bool = False, strict: bool = False, videos_per_shard: int = 16,
+                 shard=None, overwrite: bool = False, videos_per_shard: int = 16,
                  rgb_codec: str = DEFAULT_RGB_CODEC, rgb_quality: int = DEFAULT_RGB_QUALITY,
                  flow_codec: str = DEFAULT_FLOW_CODEC, flow_quality: int = DEFAULT_FLOW_QUALITY,
                  console=None, show_progress: bool = True):
@@ -813,7 +813,6 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
         flow_weights: RAFT state_dict file.
         shard: ``"i/n"`` or a Partition; None uses torchrun's RANK/WORLD_SIZE.
         overwrite: rebuild the store from nothing.
-        strict: kept for the CLI (exit status); failures are recorded either way.
         videos_per_shard: videos per shard file (unit of work of one writer).
         rgb_codec, flow_codec: ``jpeg`` or ``zstd`` (lossless) per array.
         rgb_quality, flow_quality: JPEG quality (1-100).
@@ -826,7 +825,7 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
     from rich.console import Console
 
     from imdpipe.pipeline.manifest import read_manifest
-    from imdpipe.pipeline.store import Partition, print_summary, run_stage
+    from imdpipe.pipeline.store import Partition, run_stage
 
     console = console or Console(stderr=True)
     cache = Path(cache)
@@ -874,7 +873,6 @@ def extract_flow(*, cache: str | Path, backend: str = "auto", frames: int = 32,
                         description=f"flow [{settings.describe()}]", console=console,
                         show_progress=show_progress, shards_per_round=4 * max(workers, 1),
                         background_writes=chosen == "raft")
-    print_summary(summary, console)
     return summary
 
 

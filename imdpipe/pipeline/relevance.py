@@ -177,6 +177,22 @@ def _class_rows(savld, manifest) -> np.ndarray:
     return rows
 
 
+def build_relevance_when_audio_done(*, cache: str | Path, console=None, **kwargs) -> RelevanceResult | None:
+    """:func:`build_relevance` once ``audio.zarr`` is finished (what ``build-savld --cache`` runs).
+
+    Returns None, after printing why and what to rerun, while the audio stage is missing or has
+    videos left; ``kwargs`` are :func:`build_relevance`'s.
+    """
+    from rich.console import Console
+
+    finished, why = audio_store_finished(cache)
+    if not finished:
+        (console or Console(stderr=True)).print(f"relevance targets not built: {why}. "
+                                                f"Rerun build-savld --cache {cache} afterwards.")
+        return None
+    return build_relevance(cache=cache, console=console, **kwargs)
+
+
 def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
                     alpha: float = 0.25, overwrite: bool = False, part: Partition | None = None,
                     console=None, show_progress: bool = True) -> RelevanceResult:

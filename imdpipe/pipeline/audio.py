@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 
@@ -46,6 +45,7 @@ from imdpipe.contract import AST_WINDOW_S, AUDIO, video_path
 from imdpipe.devices import autocast, select_device
 from imdpipe.launch import cores_per_process
 from imdpipe.pipeline.manifest import read_manifest
+from imdpipe.pipeline.media import decode_audio_track, probe_duration  # noqa: F401  (probe_duration: API)
 from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, run_stage
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -64,64 +64,9 @@ class ModelUnavailable(OSError):
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
-def probe_duration(path: str | Path) -> float:
-    """Duration (s) of a media file's timeline: the video stream, else the audio stream."""
-    with av.open(str(path)) as container:
-        return _duration(container)
-
-
-def _duration(container) -> float:
-    for stream in (*container.streams.video, *container.streams.audio):
-        if stream.duration is not None and stream.time_base is not None:
-            return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
-    return 0.0
-
-
-def _decode(path: str | Path, sample_rate: int) -> tuple[np.ndarray, bool, float]:
-    """(mono float32 waveform at ``sample_rate``, has_audio, timeline duration in s)."""
-    with av.open(str(path)) as container:
-        duration = _duration(container)
-        if not container.streams.audio:
-            return np.zeros(0, np.float32), False, duration
-        stream = container.streams.audio[0]
-        t0 = float(container.start_time or 0) / av.time_base
-        resampler = None
-        chunks: list[np.ndarray] = []
-        lead = None
-        for frame in container.decode(stream):
-            if resampler is None:
-                # Keep the layout: no FFmpeg downmix (it scales by sqrt(2)); we average below.
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sample_rate)
-                lead = (float(frame.time) - t0) if frame.time is not None else 0.0
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
-        if resampler is not None:
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray())
-        if not chunks:
-            raise ValueError("the audio track holds no decodable samples")
-        wave = np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0)  # (C, S) -> (S,)
-        # Place on the container timeline: a late start is zero-filled, samples before 0 dropped.
-        shift = round((lead or 0.0) * sample_rate)
-        if shift > 0:
-            wave = np.concatenate([np.zeros(shift, np.float32), wave])
-        elif shift < 0:
-            wave = wave[-shift:]
-        # Trim the decoded tail (whole last AAC frame) to the nominal track length.
-        if stream.duration is not None and stream.time_base is not None:
-            start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
-            expected = round((start - t0 + float(stream.duration * stream.time_base)) * sample_rate)
-            if len(wave) > expected:
-                wave = wave[:expected]
-            elif len(wave) < expected:
-                wave = np.concatenate([wave, np.zeros(expected - len(wave), np.float32)])
-        return np.ascontiguousarray(wave, dtype=np.float32), True, duration
-
-
 def decode_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, bool]:
-    """Decode the first audio track of a media file to a mono float32 waveform.
+    """Decode the first audio track of a media file to a mono float32 waveform (see
+    :func:`imdpipe.pipeline.media.decode_audio_track`).
 
     Mono is the mean of the channels (after resampling each channel with PyAV's
     ``AudioResampler``, which keeps the layout). The waveform starts at the container's time 0
@@ -132,9 +77,9 @@ def decode_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> tuple[n
         ``(waveform, has_audio)``; a file without an audio track gives an empty array and False.
 
     Raises:
-        av.error.FFmpegError / ValueError: unreadable file or undecodable audio.
+        VideoError / ValueError: unreadable file or undecodable audio.
     """
-    wave, has_audio, _ = _decode(path, sample_rate)
+    wave, has_audio, _ = decode_audio_track(path, sample_rate)
     return wave, has_audio
 
 
@@ -217,7 +162,7 @@ def video_inputs(path: str | Path, *, feature_extractor, windows: int) -> dict[s
     """Decode a video and build its model inputs: ``{"inputs": (W, T, F), "window_start_s": (W,),
     "has_audio": bool}`` (``inputs`` is None without an audio track)."""
     sr = int(feature_extractor.sampling_rate)
-    wave, has_audio, duration = _decode(path, sr)
+    wave, has_audio, duration = decode_audio_track(path, sr)
     if has_audio and duration <= 0:
         duration = len(wave) / sr
     f0 = start_frames(window_starts(duration, windows, window_seconds(feature_extractor)), feature_extractor)

@@ -41,6 +41,7 @@ import numpy as np
 from imdpipe.contract import FLOW_BOUND, FRAMES, video_path
 from imdpipe.launch import cores_per_process
 from imdpipe.pipeline.flow_utils import DEQUANT_FORMULA, QUANT_FORMULA, quantize
+from imdpipe.pipeline.media import VideoError, decode_frames, frame_count
 
 CPU_BACKENDS = ("dis", "farneback", "tvl1")
 BACKENDS = ("auto", "raft", *CPU_BACKENDS)
@@ -71,10 +72,6 @@ RAFT_MIN_SIZE = 128
 CODECS = ("jpeg", "zstd")
 DEFAULT_RGB_CODEC, DEFAULT_RGB_QUALITY = "jpeg", 90
 DEFAULT_FLOW_CODEC, DEFAULT_FLOW_QUALITY = "jpeg", 95
-
-
-class VideoError(RuntimeError):
-    """One video could not be processed (the message names the file and, when possible, the fix)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,52 +224,7 @@ class DecodedVideo:
         return np.stack([self.images[int(p)] for p in self.frame_index])
 
 
-def _open(path: Path):
-    import av
-
-    try:
-        container = av.open(str(path))
-    except Exception as e:  # noqa: BLE001 - PyAV raises a family of FFmpeg errors
-        raise VideoError(f"cannot open {path}: {e}. Re-encode the file (e.g. ffmpeg -i in.mp4 out.mp4) or "
-                         f"remove it from the manifest.") from None
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"{path} has no video stream")
-    return container
-
-
-def _frame_count_hint(path: Path) -> int:
-    """The container's frame count (mp4 sample tables), else the number of video packets."""
-    with _open(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames and stream.frames > 0:
-            return int(stream.frames)
-        return sum(1 for pkt in container.demux(stream) if pkt.size)
-
-
-def _decode_pass(path: Path, wanted: set[int], size: tuple[int, int], threads: int) -> tuple[dict, int]:
-    """Decode every frame once; keep (resized RGB) the wanted ones. Returns (images, n_decoded)."""
-    h, w = size
-    images: dict[int, np.ndarray] = {}
-    n = 0
-    with _open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "SLICE" if threads == 1 else "AUTO"
-        stream.thread_count = threads
-        try:
-            for frame in container.decode(stream):
-                if n in wanted:
-                    rgb = frame.to_ndarray(format="rgb24")
-                    if rgb.shape[:2] != (h, w):
-                        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-                    images[n] = np.ascontiguousarray(rgb)
-                n += 1
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            if n < 2:
-                raise VideoError(f"cannot decode {path}: {e}. Re-encode the file or remove it from the "
-                                 f"manifest.") from None
-            # a corrupt tail: keep the frames decoded so far (positions are resampled for them)
-    return images, n
+_frame_count_hint = frame_count  # a module name, so a test can fake a lying container header
 
 
 def _wanted(n: int, frames: int) -> tuple[np.ndarray, set[int]]:
@@ -302,13 +254,13 @@ def decode_video_frames(path: str | Path, size: tuple[int, int], *, frames: int 
     path = Path(path)
     hint = max(_frame_count_hint(path), 2)
     positions, wanted = _wanted(hint, frames)
-    images, n = _decode_pass(path, wanted, size, threads)
+    images, n = decode_frames(path, wanted, size, threads=threads)
     if n < 2:
         raise VideoError(f"{path} has {n} decodable frame(s); optical flow needs at least 2")
     if n != hint:
         positions, wanted = _wanted(n, frames)
         if not wanted <= images.keys():
-            images, n2 = _decode_pass(path, wanted, size, threads)
+            images, n2 = decode_frames(path, wanted, size, threads=threads)
             if n2 != n:
                 raise VideoError(f"{path}: the frame count changes between decode passes ({n} then {n2})")
     return DecodedVideo(n_frames=n, frame_index=positions, images={i: images[i] for i in sorted(wanted)})

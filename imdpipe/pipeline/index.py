@@ -66,7 +66,7 @@ def probe_video(path: str | Path) -> dict:
         VideoProbeError: empty file, not a media container, no video stream, no decodable frame,
             or fewer frames on disk than the container declares (a truncated download).
     """
-    import av
+    from imdpipe.pipeline.media import VideoError, duration, frame_rate, open_media
 
     path = Path(path)
     try:
@@ -76,16 +76,16 @@ def probe_video(path: str | Path) -> dict:
     if size == 0:
         raise VideoProbeError(f"{path}: empty file (0 bytes); re-download or delete it")
     try:
-        container = av.open(str(path))
-    except Exception as e:  # noqa: BLE001 - PyAV raises many error types; all mean "unreadable"
-        raise VideoProbeError(f"{path}: not a readable video container ({type(e).__name__}: {e}); "
+        container = open_media(path)
+    except VideoError as e:  # PyAV raises many error types; all mean "unreadable"
+        cause = e.__cause__ or e
+        raise VideoProbeError(f"{path}: not a readable video container ({type(cause).__name__}: {cause}); "
                               f"the file is corrupt, truncated or not a video") from None
     with container:
         if not container.streams.video:
             raise VideoProbeError(f"{path}: the container has no video stream")
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
+        fps = frame_rate(stream)
         width, height = int(stream.codec_context.width), int(stream.codec_context.height)
         has_audio = any(a.codec_context.channels > 0 for a in container.streams.audio)
         declared = int(stream.frames or 0)
@@ -112,15 +112,9 @@ def probe_video(path: str | Path) -> dict:
         except Exception as e:  # noqa: BLE001
             raise VideoProbeError(f"{path}: damaged stream ({type(e).__name__}: {e}); "
                                   f"the file is probably truncated") from None
-        if stream.duration and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration = container.duration / 1_000_000
-        else:
-            duration = n_frames / fps if fps else 0.0
-        if not fps and duration > 0:
-            fps = n_frames / duration
-    return {"duration_s": duration, "fps": fps, "n_frames": n_frames, "width": width, "height": height,
+        length = duration(container) or (n_frames / fps if fps else 0.0)
+        fps = fps or frame_rate(stream, n_frames=n_frames, duration_s=length)
+    return {"duration_s": length, "fps": fps, "n_frames": n_frames, "width": width, "height": height,
             "has_audio": bool(has_audio)}
 
 

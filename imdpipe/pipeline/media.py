@@ -1,4 +1,15 @@
-"""Writing real mp4 files (H.264 video + AAC audio) with PyAV, for synthetic data and tests."""
+"""Media files through PyAV, in one place: opening, probing, decoding and writing mp4s.
+
+* :func:`open_media` / :func:`open_video`: one way to open a file, with an error naming it and
+  the fix;
+* :func:`frame_rate` (the one fps rule: the stream's rate, else frames / duration),
+  :func:`duration`, :func:`frame_count`, :func:`probe_fps`;
+* :func:`decode_frames` (RGB frames, resized, one pass) and :func:`decode_audio_track` (a mono
+  waveform on the container's timeline);
+* :func:`write_mp4`: H.264 + AAC files for the synthetic data and the tests.
+
+The index, flow and audio stages and ``predict`` all read videos through these.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,164 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be opened or decoded; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and probing
+# ---------------------------------------------------------------------------------------------
+def open_media(path: str | Path):
+    """``av.open`` a media file for reading (a clear :class:`VideoError` when it cannot be)."""
+    try:
+        return av.open(str(path))
+    except Exception as e:  # noqa: BLE001 - PyAV raises a family of FFmpeg errors
+        raise VideoError(f"cannot open {path}: {e}. Re-encode the file (e.g. ffmpeg -i in.mp4 out.mp4) or "
+                         f"remove it from the manifest.") from e  # the cause: PyAV's own error
+
+
+def open_video(path: str | Path):
+    """:func:`open_media` for a file that must hold a video stream."""
+    container = open_media(path)
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path} has no video stream")
+    return container
+
+
+def frame_rate(stream, *, n_frames: int = 0, duration_s: float = 0.0) -> float:
+    """Frames per second of a video stream: its average (else guessed, else base) rate, else
+    ``n_frames / duration_s`` for a container that records none (what ``frame_index`` counts in)."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate:
+        return float(rate)
+    return n_frames / duration_s if n_frames and duration_s > 0 else 0.0
+
+
+def duration(container) -> float:
+    """Length (s) of a file's timeline: the video stream's, else the audio stream's, else the
+    container's; 0 when none is recorded."""
+    for stream in (*container.streams.video, *container.streams.audio):
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def probe_duration(path: str | Path) -> float:
+    """:func:`duration` of a media file."""
+    with open_media(path) as container:
+        return duration(container)
+
+
+def count_frames(container) -> int:
+    """The first video stream's frame count (mp4 sample tables), else its number of packets."""
+    stream = container.streams.video[0]
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    return sum(1 for pkt in container.demux(stream) if pkt.size)
+
+
+def frame_count(path: str | Path) -> int:
+    """:func:`count_frames` of a video file."""
+    with open_video(path) as container:
+        return count_frames(container)
+
+
+def probe_fps(path: str | Path) -> float:
+    """:func:`frame_rate` of a video file's first video stream, as ``index`` records it in the
+    manifest (so ``predict`` picks the same audio window as training on a file with no rate)."""
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        return frame_rate(stream) or frame_rate(stream, n_frames=count_frames(container),
+                                                duration_s=duration(container))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+def decode_frames(path: str | Path, wanted: set[int], size: tuple[int, int], *,
+                  threads: int = 0) -> tuple[dict[int, np.ndarray], int]:
+    """Decode every frame once, keeping the ``wanted`` ones as RGB resized to ``size`` (H, W)
+    with ``cv2.INTER_AREA``. Returns ``(images, frames decoded)``; a corrupt tail ends the pass
+    with the frames decoded so far (at least 2, else :class:`VideoError`)."""
+    h, w = size
+    images: dict[int, np.ndarray] = {}
+    n = 0
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE" if threads == 1 else "AUTO"
+        stream.thread_count = threads
+        try:
+            for frame in container.decode(stream):
+                if n in wanted:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    if rgb.shape[:2] != (h, w):
+                        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+                    images[n] = np.ascontiguousarray(rgb)
+                n += 1
+        except Exception as e:  # noqa: BLE001 - report, keep going
+            if n < 2:
+                raise VideoError(f"cannot decode {path}: {e}. Re-encode the file or remove it from the "
+                                 f"manifest.") from None
+            # a corrupt tail: keep the frames decoded so far (positions are resampled for them)
+    return images, n
+
+
+def decode_audio_track(path: str | Path, sample_rate: int) -> tuple[np.ndarray, bool, float]:
+    """(mono float32 waveform at ``sample_rate``, has_audio, timeline duration in s).
+
+    Mono is the mean of the channels after resampling each with PyAV's ``AudioResampler``, which
+    keeps the layout (FFmpeg's own downmix scales by sqrt(2) and shifts normalised features). The
+    waveform starts at the container's time 0 and has exactly the track's nominal length.
+    """
+    with open_media(path) as container:
+        length = duration(container)
+        if not container.streams.audio:
+            return np.zeros(0, np.float32), False, length
+        stream = container.streams.audio[0]
+        t0 = float(container.start_time or 0) / av.time_base
+        resampler = None
+        chunks: list[np.ndarray] = []
+        lead = None
+        for frame in container.decode(stream):
+            if resampler is None:
+                # Keep the layout: no FFmpeg downmix (it scales by sqrt(2)); we average below.
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sample_rate)
+                lead = (float(frame.time) - t0) if frame.time is not None else 0.0
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        if resampler is not None:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+        if not chunks:
+            raise ValueError("the audio track holds no decodable samples")
+        wave = np.concatenate(chunks, axis=1).astype(np.float32).mean(axis=0)  # (C, S) -> (S,)
+        # Place on the container timeline: a late start is zero-filled, samples before 0 dropped.
+        shift = round((lead or 0.0) * sample_rate)
+        if shift > 0:
+            wave = np.concatenate([np.zeros(shift, np.float32), wave])
+        elif shift < 0:
+            wave = wave[-shift:]
+        # Trim the decoded tail (whole last AAC frame) to the nominal track length.
+        if stream.duration is not None and stream.time_base is not None:
+            start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+            expected = round((start - t0 + float(stream.duration * stream.time_base)) * sample_rate)
+            if len(wave) > expected:
+                wave = wave[:expected]
+            elif len(wave) < expected:
+                wave = np.concatenate([wave, np.zeros(expected - len(wave), np.float32)])
+        return np.ascontiguousarray(wave, dtype=np.float32), True, length
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, audio: np.ndarray | None = None,

@@ -28,16 +28,6 @@ from imdpipe.train.runtime import (
 )
 
 
-def video_fps(path: str | Path) -> float:
-    """Frame rate of a video's first video stream (what ``frame_index`` counts in)."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        return float(rate) if rate else 0.0
-
-
 def _flow_settings(ckpt: dict):
     from imdpipe.pipeline.flow import FlowSettings
 
@@ -107,6 +97,7 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
     results = []
     from imdpipe.pipeline.audio import embed_video
     from imdpipe.pipeline.flow import as_stored, extract_video
+    from imdpipe.pipeline.media import probe_fps
 
     for video in videos:
         video = Path(video)
@@ -119,7 +110,7 @@ def predict(*, run: str | Path, videos: list[str | Path], checkpoint: str = "bes
                 audio = embed_video(video, model=audio_net, feature_extractor=fe, settings=audio_settings, device=dev)
             views = eval_views(rgb=frames["rgb"] if "rgb" in config.modalities else None,
                                flow=frames["flow"] if "flow" in config.modalities else None,
-                               frame_index=frames["frame_index"], fps=video_fps(video), audio=audio,
+                               frame_index=frames["frame_index"], fps=probe_fps(video), audio=audio,
                                clip=config.clip, clips=clips, crops=crops,
                                flow_bound=flow_settings.bound, window_s=window_s)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the others

@@ -146,10 +146,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         self.crop_scale = self.clip.crop_scale  # validates the clip fields
-        if self.size not in SIZES:
-            raise ValueError(f"size should be one of {SIZES}, got {self.size!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion should be one of {FUSIONS}, got {self.fusion!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer should be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.device not in DEVICES:
@@ -165,7 +161,7 @@ class TrainConfig:
                 raise ValueError(f"{name} should be >= 0, got {getattr(self, name)}")
         if self.num_workers < 0 or self.threads < 0:
             raise ValueError("num_workers and threads should be >= 0")
-        self.model_config(num_classes=1)  # validates fusion/modalities/alpha/scheme together
+        self.model_config(num_classes=1)  # validates size, fusion, modalities, alpha and scheme together
 
     def model_config(self, *, num_classes: int, audio_dim: int = 768, flow_bound: float | None = None):
         """The :class:`imdpipe.heads.ModelConfig` this run trains (``flow_bound``: the cache's)."""

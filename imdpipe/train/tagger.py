@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imdpipe.contract import AST_WINDOW_S
 from imdpipe.devices import select_device
 from imdpipe.pipeline.audio import (
+    FRAME_LENGTH_S,
+    FRAME_SHIFT_S,
     SAMPLE_RATE,
     crop_windows,
     decode_audio,
@@ -49,6 +52,7 @@ from imdpipe.pipeline.audio import (
 )
 
 TAGGER_JSON = "tagger.json"
+AST_MAX_LENGTH = round(AST_WINDOW_S / FRAME_SHIFT_S)  # 1024 fbank frames: the AudioSet AST's input
 
 
 @dataclass(frozen=True)
@@ -215,14 +219,15 @@ def train_tagger(soundbank: str | Path, out: str | Path, *, settings: TaggerSett
     dev = select_device(device)
     labels = sorted({lab for _, labs in rows for lab in labs})
     lab_index = {lab: i for i, lab in enumerate(labels)}
+    win, hop = round(FRAME_LENGTH_S * SAMPLE_RATE), round(FRAME_SHIFT_S * SAMPLE_RATE)  # 400, 160 samples
     waves = []
     for path, _ in rows:
         wave, has_audio = decode_audio(path, sample_rate=SAMPLE_RATE)
-        if not has_audio or len(wave) < 400:
+        if not has_audio or len(wave) < win:
             raise ValueError(f"{path}: no audio (or shorter than 25 ms); fix or drop the row in {soundbank}")
         waves.append(wave)
-    n_frames = [1 + (len(w) - 400) // 160 for w in waves]
-    max_length = settings.max_length or min(max(max(n_frames), 16), 1024)
+    n_frames = [1 + (len(w) - win) // hop for w in waves]  # Kaldi fbank frames per clip
+    max_length = settings.max_length or min(max(max(n_frames), 16), AST_MAX_LENGTH)
     net, fe = _build(settings, labels, max_length)
     feats = [fbank(w, fe) for w in waves]  # (n_frames, mels) each, normalised
     targets = np.zeros((len(rows), len(labels)), np.float32)

@@ -33,8 +33,8 @@ def open_media(path: str | Path):
     try:
         return av.open(str(path))
     except Exception as e:  # noqa: BLE001 - PyAV raises a family of FFmpeg errors
-        raise VideoError(f"cannot open {path}: {e}. Re-encode the file (e.g. ffmpeg -i in.mp4 out.mp4) or "
-                         f"remove it from the manifest.") from e  # the cause: PyAV's own error
+        raise VideoError(f"cannot open {path}: {type(e).__name__}: {e}. Re-encode the file "
+                         f"(e.g. ffmpeg -i in.mp4 out.mp4) or remove it from the manifest.") from e
 
 
 def open_video(path: str | Path):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from imdpipe.contract import AUDIO, SAVLD
+from imdpipe.contract import AUDIO, SAVLD, open_stage
 from imdpipe.pipeline.store import SettingsMismatch, add_array, create_group, diff_settings, root_attrs
 
 TEXT_NAME = "savld.txt"
@@ -410,12 +410,9 @@ def load_savld(path: str | Path) -> Savld:
 
 
 def _cache_audio_labels(cache: Path) -> list[str] | None:
-    import zarr
-
-    p = AUDIO.path(cache)
-    if not p.exists():
+    if not AUDIO.path(cache).exists():
         return None
-    labels = zarr.open_group(p, mode="r").attrs.get("audio_labels")
+    labels = open_stage(cache, AUDIO).attrs.get("audio_labels")
     return list(labels) if labels else None
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from imdpipe.contract import AUDIO, FRAMES, RELEVANCE
 from imdpipe.pipeline.shard_reader import raw_video_chunks, write_raw_shard
 from imdpipe.pipeline.store import DONE, ERROR, StageStore, StoreDamaged, claim_shard
 
@@ -256,15 +257,15 @@ def rerun_command(stage: str, settings: dict, cache: Path) -> str:
     c = shlex.quote(str(cache))
     k = settings.get("videos_per_shard")
     shard = f" --videos-per-shard {k}" if k else ""
-    if stage == "flow":
+    if stage == FRAMES.stage:
         size = settings.get("size", [256, 340])
         extra = f" --preset {settings['preset']}" if settings.get("backend") == "dis" and "preset" in settings else ""
         return (f"imdpipe extract-flow --cache {c} --frames {settings.get('frames')} --size {size[0]}x{size[1]} "
                 f"--backend {settings.get('backend')}{extra}{shard}")
-    if stage == "audio":
+    if stage == AUDIO.stage:
         return (f"imdpipe extract-audio --cache {c} --model {shlex.quote(str(settings.get('model')))} "
                 f"--windows {settings.get('windows')} --dtype {settings.get('dtype')}{shard}")
-    if stage == "relevance":
+    if stage == RELEVANCE.stage:
         return (f"imdpipe build-savld --cache {c} --relevance-k {settings.get('K')} --ya {settings.get('Ya')} "
                 f"--overlap {settings.get('overlap')}")
     return f"the command that built the {stage!r} store, with the settings in its zarr.json"

@@ -107,7 +107,8 @@ def disk_mb(store: Path, name: str) -> float:
 
 
 class ByteCounter:
-    """Counts the bytes zarr reads from local files (whole files and byte ranges)."""
+    """Counts the bytes read from the store's files: by zarr (whole files and byte ranges) and by
+    the loader's ShardReader (``os.pread`` of chunk ranges and shard indexes)."""
 
     def __init__(self):
         self.n = 0
@@ -115,20 +116,25 @@ class ByteCounter:
     def __enter__(self):
         from zarr.storage import LocalStore
 
-        self._get, counter = LocalStore.get, self
+        self._get, self._pread, counter = LocalStore.get, os.pread, self
 
         async def get(store, key, prototype=None, byte_range=None):
             buf = await counter._get(store, key, prototype, byte_range)
             counter.n += 0 if buf is None else len(buf)
             return buf
 
-        LocalStore.get = get
+        def pread(fd, n, offset):
+            data = counter._pread(fd, n, offset)
+            counter.n += len(data)
+            return data
+
+        LocalStore.get, os.pread = get, pread
         return self
 
     def __exit__(self, *exc):
         from zarr.storage import LocalStore
 
-        LocalStore.get = self._get
+        LocalStore.get, os.pread = self._get, self._pread
 
 
 def datasets(cache: Path, layout_name: str, crop: int):

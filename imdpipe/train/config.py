@@ -63,7 +63,8 @@ FIELD_HELP: dict[str, str] = {
     "device": "auto (cuda when available), cpu or cuda",
     "amp": "bf16 autocast on CUDA (always off on CPU)",
     "compile": "torch.compile the model",
-    "num_workers": "DataLoader worker processes per training process (0 = main process)",
+    "num_workers": "DataLoader worker processes per training process (ours): -1 = the CPU cores / LOCAL_WORLD_SIZE, "
+                   "0 = the main process; persistent, one thread each",
     "threads": "torch CPU threads per process, 0 = leave torch's default",
     "seed": "random seed (data order, augmentation, init)",
     "log_every": "steps between metric lines in metrics.jsonl",
@@ -135,7 +136,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     compile: bool = False
-    num_workers: int = 2
+    num_workers: int = -1
     threads: int = 0
     seed: int = 0
     log_every: int = 10
@@ -159,8 +160,8 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_epochs", "relevance_weight", "grad_clip", "momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} should be >= 0, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.threads < 0:
-            raise ValueError("num_workers and threads should be >= 0")
+        if self.num_workers < -1 or self.threads < 0:
+            raise ValueError("num_workers should be >= -1 (-1 = auto) and threads >= 0")
         self.model_config(num_classes=1)  # validates size, fusion, modalities, alpha and scheme together
 
     def model_config(self, *, num_classes: int, audio_dim: int = 768, flow_bound: float | None = None):

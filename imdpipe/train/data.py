@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from imdpipe.contract import AST_WINDOW_S, AUDIO, FLOW_BOUND, FRAMES, RELEVANCE, open_stage
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
@@ -224,6 +224,52 @@ def report_selection(sel: Selection, split: str, console) -> None:
     console.print(msg)
     for line in sel.examples if sel.n_left_out else []:
         console.print(f"  left out {line}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader settings
+# ---------------------------------------------------------------------------------------------
+def loader_workers(requested: int) -> int:
+    """DataLoader workers per training process: ``requested``, or for -1 this process's share of
+    the cores (cores / torchrun's ``LOCAL_WORLD_SIZE``, at least 1)."""
+    from imdpipe.launch import cores_per_process
+
+    return cores_per_process() if requested < 0 else requested
+
+
+def worker_init(_worker_id: int) -> None:
+    """A DataLoader worker decodes and resizes on one thread: the workers are the parallelism
+    (OpenCV's and torch's own thread pools in every worker oversubscribe the cores)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def loader_kwargs(workers: int, *, pin_memory: bool = False, prefetch: int = 4) -> dict:
+    """DataLoader keywords for a loader built once per run: persistent workers (started once, not
+    per epoch), ``prefetch`` batches queued per worker, one thread per worker."""
+    if workers == 0:
+        return {"num_workers": 0, "pin_memory": pin_memory}
+    return {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": True,
+            "prefetch_factor": prefetch, "worker_init_fn": worker_init}
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` from a sampler with an ``epoch`` (``DistributedSampler``).
+
+    Persistent workers keep the dataset copy they started with, so an epoch set on the dataset
+    would never reach them; the epoch travels with each index instead, and each epoch's clips
+    are drawn from ``(seed, epoch, video)`` whatever the worker (exact resume).
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return ((int(i), epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,10 +539,12 @@ class ClipDataset(Dataset):
         return emb, has, target, w
 
     # -- items ---------------------------------------------------------------------------------
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        """``item`` is a position in ``indices``, or ``(position, epoch)`` from :class:`EpochSampler`."""
+        item, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         index = self.indices[item]
         try:
-            return self._train_item(index) if self.mode == "train" else self._eval_item(index)
+            return self._train_item(index, epoch) if self.mode == "train" else self._eval_item(index)
         except Exception as e:
             if not _raised_by_zarr(e):
                 raise
@@ -538,9 +586,9 @@ class ClipDataset(Dataset):
     def _read(self, key: str, index: int, positions: np.ndarray, box) -> np.ndarray:
         return read_positions(self._reader(key), index, positions, box)
 
-    def _train_item(self, index: int) -> dict:
+    def _train_item(self, index: int, epoch: int) -> dict:
         clip = self.clip
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         span = clip_span(clip.num_frames, clip.frame_stride)
         start = int(rng.integers(0, max(self.T - span, 0) + 1))
         positions = clip_positions(start, clip.num_frames, clip.frame_stride, self.T)

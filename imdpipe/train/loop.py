@@ -31,7 +31,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from imdpipe.train.config import TrainConfig, save_config
 from imdpipe.train.data import (
     ClipDataset,
+    EpochSampler,
     clip_fit_warnings,
+    loader_kwargs,
+    loader_workers,
     open_cache,
     prepare_inputs,
     relevance_settings,
@@ -238,6 +241,7 @@ class _Run:
     train_sel: object  # Selection
     train_ds: ClipDataset
     sampler: DistributedSampler
+    loader: DataLoader  # built once: persistent workers get each epoch through EpochSampler
     val_loader: DataLoader | None
     per_rank: int
     steps_per_epoch: int
@@ -323,6 +327,8 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_ds)} training videos do not fill one batch of {config.batch_size}; "
                          f"lower --batch-size")
+    loader = DataLoader(train_ds, batch_size=per_rank, sampler=EpochSampler(sampler), drop_last=True,
+                        **loader_kwargs(loader_workers(config.num_workers), pin_memory=device.type == "cuda"))
     val_loader = None
     if val_split is not None and ddp.main:
         val_sel = select_videos(info, val_split)
@@ -342,7 +348,7 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         optimizer, lambda s: lr_factor(s, total=total_steps, warmup=warmup, min_ratio=config.min_lr_ratio))
     run = _Run(config=config, info=info, out=out, ddp=ddp, device=device, say=say, model_cfg=model_cfg,
                raw_model=raw_model, model=raw_model, optimizer=optimizer, scheduler=scheduler, train_sel=train_sel,
-               train_ds=train_ds, sampler=sampler, val_loader=val_loader, per_rank=per_rank,
+               train_ds=train_ds, sampler=sampler, loader=loader, val_loader=val_loader, per_rank=per_rank,
                steps_per_epoch=steps_per_epoch)
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
@@ -372,15 +378,12 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
     """One pass over the training split: returns the totals over every process and the seconds it took."""
     config, device, ddp = run.config, run.device, run.ddp
     run.model.train()
-    run.train_ds.set_epoch(epoch)
-    run.sampler.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)  # the loader's EpochSampler hands this epoch to the workers with each index
     torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
-    loader = DataLoader(run.train_ds, batch_size=run.per_rank, sampler=run.sampler, num_workers=config.num_workers,
-                        drop_last=True, pin_memory=device.type == "cuda")
     task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=run.steps_per_epoch, rate=0.0, loss=0.0)
     totals = EpochTotals()
     t0 = time.perf_counter()
-    for batch in loader:
+    for batch in run.loader:
         rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=run.info.flow_bound)
         labels = batch["label"].to(device)
         targets = batch["target"].to(device) if "target" in batch else None

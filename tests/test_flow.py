@@ -245,7 +245,7 @@ def test_store_layout_settings_resume_and_refusal(tmp_path, small_videos):
     # the predict command rebuilds the settings from the store and gets the same row
     settings = FlowSettings.from_store_attrs(attrs)
     assert (settings.rgb_codec, settings.rgb_quality, settings.flow_codec, settings.flow_quality) == \
-        ("jpeg", 90, "jpeg", 95)
+        ("jpeg", 95, "jpeg", 95)
     row = as_stored(extract_video(small_videos[2], settings), settings)
     for name in ("rgb", "flow", "frame_index"):
         assert np.array_equal(g[name][2], row[name])

@@ -59,15 +59,17 @@ def extract_flow_cmd(
                                         "are batched). Lower it on out-of-memory.")] = 32,
         rgb_codec: Annotated[str, typer.Option(
             "--rgb-codec", help="How RGB frames are stored (ours; the paper does not say): jpeg (one "
-                                "libjpeg-turbo JPEG per frame, ~10x smaller than zstd on real footage) or "
+                                "libjpeg-turbo JPEG per frame, ~6x smaller than zstd on real footage) or "
                                 "zstd (lossless).")] = "jpeg",
         rgb_quality: Annotated[int, typer.Option(
-            "--rgb-quality", min=1, max=100, help="JPEG quality of RGB frames (ours).")] = 90,
+            "--rgb-quality", min=1, max=100, help="JPEG quality of RGB frames (ours; 95 keeps every sample clip "
+                                                  ">= 38 dB PSNR against the lossless store, 90 does not).")] = 95,
         flow_codec: Annotated[str, typer.Option(
             "--flow-codec", help="How the uint8 flow is stored (ours): jpeg (one grey JPEG per x / y "
                                  "plane) or zstd (lossless).")] = "jpeg",
         flow_quality: Annotated[int, typer.Option(
-            "--flow-quality", min=1, max=100, help="JPEG quality of flow planes (ours).")] = 95,
+            "--flow-quality", min=1, max=100, help="JPEG quality of flow planes (ours; adds <= 0.02 px "
+                                                    "end-point error against the lossless store).")] = 95,
         videos_per_shard: VideosPerShardOpt = 16,
         shard: ShardOpt = None,
         overwrite: OverwriteOpt = False,

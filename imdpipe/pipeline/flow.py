@@ -70,7 +70,7 @@ RAFT_MIN_SIZE = 128
 # zstd = lossless (bytes + zstd level 1); jpeg = one libjpeg-turbo JPEG per frame (rgb) or per
 # flow component plane (flow), at the given quality. Defaults chosen by benchmarks/bench_storage.py.
 CODECS = ("jpeg", "zstd")
-DEFAULT_RGB_CODEC, DEFAULT_RGB_QUALITY = "jpeg", 90
+DEFAULT_RGB_CODEC, DEFAULT_RGB_QUALITY = "jpeg", 95
 DEFAULT_FLOW_CODEC, DEFAULT_FLOW_QUALITY = "jpeg", 95
 
 

@@ -46,8 +46,9 @@ class Store:
 
 FRAMES = Store("frames.zarr", "flow", "imdpipe extract-flow", ("rgb", "flow", "frame_index", "n_frames", "repeated"))
 AUDIO = Store("audio.zarr", "audio", "imdpipe extract-audio", ("embedding", "logits", "window_start_s", "has_audio"))
-SAVLD = Store("savld.zarr", "savld", "imdpipe build-savld", ("similarity", "topk_index", "topk_score"),
-              per_video=False)
+SAVLD = Store("savld.zarr", "savld", "imdpipe build-savld",
+              ("similarity", "topk_index", "topk_score", "lift", "frequency", "base_frequency"),
+              per_video=False)  # the last three only with --source data|hybrid
 RELEVANCE = Store("relevance.zarr", "relevance", "imdpipe build-savld", ("target", "overlap_count"))
 #: Every store, in the order the stages build them.
 STORES = (FRAMES, AUDIO, SAVLD, RELEVANCE)

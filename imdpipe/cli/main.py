@@ -13,6 +13,7 @@ from imdpipe.cli.flow import extract_flow_cmd
 from imdpipe.cli.index import index_cmd
 from imdpipe.cli.model_info import model_info_cmd
 from imdpipe.cli.savld import build_savld_cmd
+from imdpipe.cli.savld_report import savld_report_cmd
 from imdpipe.cli.synth import synth_cmd
 from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd
 from imdpipe.cli.verify import verify_cmd
@@ -59,6 +60,7 @@ app.command("extract-flow")(extract_flow_cmd)
 app.command("train-tagger")(train_tagger_cmd)
 app.command("extract-audio")(extract_audio_cmd)
 app.command("build-savld")(build_savld_cmd)
+app.command("savld-report")(savld_report_cmd)
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)

@@ -38,13 +38,26 @@ def build_savld_cmd(
     device: Annotated[str, typer.Option("--device", help="Torch device of the text encoder.")] = "cpu",
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads while encoding labels "
                                          "(0 = torch's default; 1 is fastest on a busy machine).")] = 1,
+    source: Annotated[str, typer.Option(
+        "--source", help="text (the paper's: text similarity top-k), data (the labels the audio model predicts "
+                         "on the training split's videos, by lift; never val/test) or hybrid (the text top-k "
+                         "the data does not contradict, plus labels the data alone supports). data/hybrid "
+                         "need --cache with a finished audio.zarr and may give a class an empty entry "
+                         "(no sound relevant: relevance 0). Not in the paper.")] = "text",
+    min_lift: Annotated[float, typer.Option(
+        "--min-lift", min=1.0, help="data/hybrid (ours, not the paper's): a label is relevant to a class when "
+                                    "its lift (share of the class's training clips with the label among the "
+                                    "top-Ya, over that share in the whole training split) is at least this.")] = 2.0,
+    min_freq: Annotated[float, typer.Option(
+        "--min-freq", min=0.0, max=1.0, help="data/hybrid (ours): ... and at least this share of the class's "
+                                             "training clips have it among their top-Ya.")] = 0.3,
     relevance: Annotated[bool, typer.Option(
         "--relevance/--no-relevance", help="Build relevance.zarr when --cache holds a finished "
                                            "audio.zarr.")] = True,
     relevance_k: Annotated[int, typer.Option("--relevance-k", min=1, help="K: SAVLD labels per class "
                                              "used for the target, at most --k (paper best: 10).")] = 10,
     ya: Annotated[int, typer.Option("--ya", min=1, help="Ya: top audio predictions per window "
-                                    "(paper best: 20).")] = 20,
+                                    "(paper best: 20); data/hybrid count the same top-Ya.")] = 20,
     overlap: Annotated[str, typer.Option("--overlap", help="iou (paper default) or dice.")] = "iou",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Relevance threshold, only "
                                          "for the printed table (paper best: 0.25).")] = 0.25,
@@ -59,11 +72,14 @@ def build_savld_cmd(
 
     from imdpipe.pipeline import relevance as rel
     from imdpipe.pipeline import savld as sv
+    from imdpipe.pipeline.savld_data import SOURCES
     from imdpipe.pipeline.store import Partition, print_summary
 
     console = Console(stderr=True)
     if metric not in sv.METRICS:
         raise typer.BadParameter(f"choose one of {', '.join(sv.METRICS)}", param_hint="--metric")
+    if source not in SOURCES:
+        raise typer.BadParameter(f"choose one of {', '.join(SOURCES)}", param_hint="--source")
     if overlap not in rel.OVERLAPS:
         raise typer.BadParameter(f"choose one of {', '.join(rel.OVERLAPS)}", param_hint="--overlap")
     if cache is None and video_labels is None:
@@ -80,14 +96,19 @@ def build_savld_cmd(
             d = sv.build_savld(video_labels=vl, audio_labels=al, k=k, metric=metric, text_model=text_model,
                                out=out, plot=plot, cache=cache, overwrite=overwrite, device=device,
                                threads=threads or None,
-                               video_source=video_labels, audio_source=audio_labels, console=console)
+                               video_source=video_labels, audio_source=audio_labels, source=source, ya=ya,
+                               min_lift=min_lift, min_freq=min_freq, console=console)
     dest = Path(out or cache)
     info = sv.describe(d)
-    console.print(f"SAVLD: {info['video_labels']} video x {info['audio_labels']} audio labels, k={info['k']}, "
-                  f"{info['metric']}, encoder {info['encoder']} -> {SAVLD.path(dest)}, "
+    console.print(f"SAVLD ({d.source}): {info['video_labels']} video x {info['audio_labels']} audio labels, "
+                  f"k={info['k']}, {info['metric']}, encoder {info['encoder']} -> {SAVLD.path(dest)}, "
                   f"{dest / sv.TEXT_NAME}" + (f", {dest / sv.PLOTS_DIR}/*.png" if plot else ""))
     for v in d.video_labels[:3]:
-        console.print(f"  {v}: {'; '.join(d.neighbours(v)[:5])}")
+        console.print(f"  {v}: {'; '.join(d.neighbours(v)[:5]) or '(empty: no sound relevant)'}")
+    empty = [v for v, labels in d.rows().items() if not labels]
+    if empty:
+        console.print(f"  empty entries (no label passes lift >= {min_lift:g} and frequency >= {min_freq:g}): "
+                      f"{', '.join(empty)}")
 
     if cache is None or not relevance:
         return

@@ -14,6 +14,9 @@ and Ya allow. With ``c = |P & D|`` and ``m = min(K, Ya)`` (the largest possible 
 * target = raw overlap / its maximum, so a window whose predictions contain all K dictionary
   labels (or all Ya predictions are dictionary labels) gets 1 even when K != Ya.
 
+A data or hybrid dictionary (``build-savld --source``) can give a class fewer than K labels: its
+targets use the entry's own size for K, and an empty entry (no sound relevant) gives 0.
+
 A video without an audio track (done in audio.zarr with ``has_audio`` False) gets target 0 and
 count 0 in every window; a video the audio stage failed on is a failure here too. A window whose
 ``window_start_s`` is NaN (a window the audio stage did not fill) is also 0.
@@ -49,11 +52,24 @@ def max_overlap(*, K: int, Ya: int, overlap: str = "iou") -> float:
     return m / max(K, Ya) if overlap == "iou" else 2 * m / (K + Ya)
 
 
-def normalized_overlap(count, *, K: int, Ya: int, overlap: str = "iou"):
-    """Target in [0, 1] from the intersection size(s) ``count`` (scalar or array)."""
+def normalized_overlap(count, *, K, Ya: int, overlap: str = "iou"):
+    """Target in [0, 1] from the intersection size(s) ``count`` (scalar or array).
+
+    ``K`` is the dictionary entry's size: a scalar, or an array broadcast against ``count`` when
+    entries differ (a data/hybrid dictionary's entry can be shorter than K). An empty entry
+    (K = 0) gives 0.
+    """
+    _check_overlap(overlap)
     c = np.asarray(count, dtype=np.float64)
-    raw = c / (K + Ya - c) if overlap == "iou" else 2 * c / (K + Ya)
-    out = raw / max_overlap(K=K, Ya=Ya, overlap=overlap)
+    k = np.asarray(K, dtype=np.float64)
+    if Ya < 1 or (k < 0).any():
+        raise ValueError(f"K must be >= 0 and Ya >= 1, got K={K}, Ya={Ya}")
+    m = np.minimum(k, Ya)
+    if overlap == "iou":
+        raw, best = c / np.maximum(k + Ya - c, 1), m / np.maximum(k, Ya)
+    else:
+        raw, best = 2 * c / (k + Ya), 2 * m / (k + Ya)
+    out = np.divide(raw, best, out=np.zeros(np.broadcast_shapes(raw.shape, best.shape)), where=best > 0)
     return float(out) if out.ndim == 0 else out.astype(np.float32)
 
 
@@ -251,8 +267,7 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
         raise ValueError(f"{audio.path}: logits have {logits_arr.shape[2]} labels, audio_labels {C}")
 
     class_row = _class_rows(savld, manifest)
-    member = np.zeros((len(savld.video_labels), C), dtype=bool)  # (Uv, C) top-K labels of each class
-    np.put_along_axis(member, savld.topk_index[:, :K].astype(np.int64), True, axis=1)
+    member, entry_size = dictionary_members(savld, K)
     audio_settings = audio.settings
     settings = {"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
                 "audio_model": audio_settings.get("model", a_attrs.get("model")),
@@ -266,26 +281,20 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
                           attrs={"description": "|top-Ya predictions & top-K SAVLD labels|"})],
         videos_per_shard=audio.videos_per_shard, overwrite=overwrite,
         attrs={"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
-               "savld_k": savld.k, "savld_metric": savld.metric, "savld_encoder": savld.attrs.get("encoder")})
+               "savld_k": savld.k, "savld_metric": savld.metric, "savld_encoder": savld.attrs.get("encoder"),
+               "savld_source": savld.source,
+               "empty_entries": [v for v, n in zip(savld.video_labels, entry_size) if n == 0]})
 
     has_audio_arr = audio["has_audio"]
-    starts_arr = audio.group.get("window_start_s") if "window_start_s" in audio.group else None
-
     audio_done, audio_err = audio.done_mask(), audio.errors()
 
     def produce(pending: list[int]):
         # read the audio store one contiguous run of pending indices at a time (a shard or less)
         for s, e in _runs(pending, audio.videos_per_shard):
-            logits = np.asarray(logits_arr[s:e], dtype=np.float32)  # (b, W, C)
+            logits, audible = read_audio_block(audio, s, e)
             a_done, a_err = audio_done[s:e], audio_err[s:e]
-            has = np.asarray(has_audio_arr[s:e], dtype=bool) & a_done  # no audio track -> 0
-            valid = np.ones((e - s, W), dtype=bool)
-            if starts_arr is not None:
-                valid = ~np.isnan(np.asarray(starts_arr[s:e], dtype=np.float32))
             rows = class_row[s:e]
-            counts = window_counts(logits, member[rows][:, None, :], ya=ya)  # (b, W)
-            counts = np.where(has[:, None] & valid, counts, 0)
-            targets = normalized_overlap(counts, K=K, Ya=ya, overlap=overlap)
+            targets, counts = clip_targets(logits, audible, member[rows], entry_size[rows], ya=ya, overlap=overlap)
             for j, i in enumerate(range(s, e)):
                 if not a_done[j]:
                     why = a_err[j] or "not processed yet"
@@ -303,9 +312,51 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
     return result
 
 
+def read_audio_block(audio: StageStore, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits (b, W, C) float32, audible (b, W) bool)`` of videos ``[s, e)`` of an audio store.
+
+    A window is audible when the audio stage finished its video, the video has an audio track and
+    the window was filled (``window_start_s`` not NaN); other windows predict nothing.
+    """
+    logits = np.asarray(audio["logits"][s:e], dtype=np.float32)
+    has = np.asarray(audio["has_audio"][s:e], dtype=bool) & np.asarray(audio["done"][s:e], dtype=bool)
+    audible = np.repeat(has[:, None], logits.shape[1], axis=1)
+    if "window_start_s" in audio.group:
+        audible &= ~np.isnan(np.asarray(audio["window_start_s"][s:e], dtype=np.float32))
+    return logits, audible
+
+
+def clip_targets(logits: np.ndarray, audible: np.ndarray, member: np.ndarray, entry_size: np.ndarray, *,
+                 ya: int, overlap: str = "iou") -> tuple[np.ndarray, np.ndarray]:
+    """``(target (b, W) float32, overlap count (b, W))`` of a block of videos.
+
+    Args:
+        logits: (b, W, C); audible: (b, W) bool (silent windows get 0);
+        member: (b, C) bool, each video's class entry; entry_size: (b,) its size (K or fewer).
+        ya, overlap: as in :func:`build_relevance`.
+    """
+    counts = np.where(audible, window_counts(logits, member[:, None, :], ya=ya), 0)
+    return normalized_overlap(counts, K=entry_size[:, None], Ya=ya, overlap=overlap), counts
+
+
+def dictionary_members(savld, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(member (Uv, C) bool, entry size (Uv,) int)``: each class's first K dictionary labels.
+
+    A data/hybrid entry can hold fewer than K labels (``-1`` padding); its targets are normalised
+    by its own size, and an empty entry gives target 0.
+    """
+    idx = np.asarray(savld.topk_index[:, :K], dtype=np.int64)
+    member = np.zeros((len(savld.video_labels), len(savld.audio_labels)), dtype=bool)
+    rows, cols = np.nonzero(idx >= 0)
+    member[rows, idx[rows, cols]] = True
+    return member, member.sum(1)
+
+
 _NORMALIZATION = {
-    "iou": "target = (c / (K + Ya - c)) / (min(K, Ya) / max(K, Ya)), c = overlap_count",
-    "dice": "target = (2c / (K + Ya)) / (2 min(K, Ya) / (K + Ya)) = c / min(K, Ya), c = overlap_count",
+    "iou": "target = (c / (K + Ya - c)) / (min(K, Ya) / max(K, Ya)), c = overlap_count, K = the class's "
+           "entry size (at most --relevance-k; 0 gives 0)",
+    "dice": "target = (2c / (K + Ya)) / (2 min(K, Ya) / (K + Ya)) = c / min(K, Ya), c = overlap_count, K = the "
+            "class's entry size (at most --relevance-k; 0 gives 0)",
 }
 
 

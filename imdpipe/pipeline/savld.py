@@ -303,11 +303,12 @@ class Savld:
 
     video_labels: list[str]
     audio_labels: list[str]
-    similarity: np.ndarray  # (Uv, Ua) float32, higher is closer
-    topk_index: np.ndarray  # (Uv, k) int32, best first
-    topk_score: np.ndarray  # (Uv, k) float32
+    similarity: np.ndarray  # (Uv, Ua) float32 text similarity, higher is closer
+    topk_index: np.ndarray  # (Uv, k) int32, best first; -1 pads an entry shorter than k (data/hybrid)
+    topk_score: np.ndarray  # (Uv, k) float32, NaN at padding
     attrs: dict = field(default_factory=dict)
     sha256: str = ""
+    data: dict[str, np.ndarray] = field(default_factory=dict)  # data/hybrid: lift, frequency, base_frequency
 
     def __post_init__(self):
         if not self.sha256:
@@ -333,6 +334,16 @@ class Savld:
     def metric(self) -> str:
         return str(self.attrs.get("metric", ""))
 
+    @property
+    def source(self) -> str:
+        """``text`` (the paper's), ``data`` or ``hybrid`` (see :mod:`imdpipe.pipeline.savld_data`)."""
+        return str(self.attrs.get("settings", {}).get("source") or self.attrs.get("source") or "text")
+
+    def entry(self, row: int, k: int | None = None) -> np.ndarray:
+        """Audio label indices of a row's first ``k`` ranks, padding dropped (may be empty)."""
+        idx = self.topk_index[row, : (k or self.k)]
+        return idx[idx >= 0]
+
     def row_of(self, video_label: str) -> int:
         """Row of a video label, by exact name, else by its normalised text."""
         try:
@@ -347,12 +358,12 @@ class Savld:
 
     def neighbours(self, video_label: str, k: int | None = None) -> list[str]:
         """The audio labels of a video label, best first."""
-        row = self.topk_index[self.row_of(video_label)]
-        return [self.audio_labels[j] for j in row[: (k or self.k)]]
+        return [self.audio_labels[j] for j in self.entry(self.row_of(video_label), k)]
 
     def rows(self) -> dict[str, list[str]]:
-        """``{video label: [audio labels, best first]}`` in video-label order (savld.txt)."""
-        return {v: [self.audio_labels[j] for j in self.topk_index[i]] for i, v in enumerate(self.video_labels)}
+        """``{video label: [audio labels, best first]}`` in video-label order (savld.txt); an empty
+        list is an empty entry (no sound relevant, data/hybrid dictionaries)."""
+        return {v: [self.audio_labels[j] for j in self.entry(i)] for i, v in enumerate(self.video_labels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +413,8 @@ def load_savld(path: str | Path) -> Savld:
         raise SettingsMismatch(f"{path} is a {attrs.get('stage')!r} store, expected {SAVLD.stage!r}")
     s = Savld(video_labels=list(attrs["video_labels"]), audio_labels=list(attrs["audio_labels"]),
               similarity=np.asarray(g["similarity"][:]), topk_index=np.asarray(g["topk_index"][:]),
-              topk_score=np.asarray(g["topk_score"][:]), attrs=attrs)
+              topk_score=np.asarray(g["topk_score"][:]), attrs=attrs,
+              data={name: np.asarray(g[name][:]) for name in DATA_ARRAYS if name in g})
     if attrs.get("savld_sha256") not in (None, s.sha256):
         raise ValueError(f"{path}: content does not match its recorded savld_sha256 (damaged store); "
                          f"rebuild it with `imdpipe build-savld --overwrite`")
@@ -421,8 +433,15 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
                 out: str | Path | None = None, plot: bool = False, cache: str | Path | None = None,
                 overwrite: bool = False, device: str = "cpu", batch_size: int = 64, threads: int | None = 1,
                 video_source: str | None = None, audio_source: str | None = None,
+                source: str = "text", ya: int = 20, min_lift: float | None = None, min_freq: float | None = None,
                 console=None) -> Savld:
     """Build the dictionary and write ``savld.zarr`` and ``savld.txt`` (and plots) into ``out``.
+
+    ``source="text"`` is the paper's dictionary (text similarity top-k). ``data`` and ``hybrid``
+    (:mod:`imdpipe.pipeline.savld_data`) rank by what the audio model predicts on the cache's
+    training split and need ``cache`` with a finished ``audio.zarr``; their entries can be
+    shorter than k, down to empty (no sound relevant for the class). The text similarity is
+    computed and stored for every source.
 
     Args:
         video_labels: video class names; default (with ``cache``): the cache's labels.txt.
@@ -442,8 +461,15 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
             setting. One thread by default: a thousand short labels take about 2 s on one core,
             and on a shared machine more threads than free cores is several times slower.
         video_source, audio_source: where the labels came from (recorded in attrs).
+        source: ``text`` (paper), ``data`` or ``hybrid``.
+        ya: data/hybrid: top predictions per clip counted (use the relevance targets' Ya; paper 20).
+        min_lift, min_freq: data/hybrid thresholds (ours; default 2.0 and 0.3).
         console: a rich console for messages.
     """
+    from imdpipe.pipeline import savld_data as sd
+
+    if source not in sd.SOURCES:
+        raise ValueError(f"source must be one of {', '.join(sd.SOURCES)}, got {source!r}")
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -483,14 +509,24 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
     if dupes:
         raise ValueError(f"duplicate video labels {dupes[:5]}: each video label is one dictionary row")
 
+    min_lift = sd.DEFAULT_MIN_LIFT if min_lift is None else min_lift
+    min_freq = sd.DEFAULT_MIN_FREQ if min_freq is None else min_freq
     model_dir, model_id = _resolve_model_dir(text_model)
     settings = {"encoder": model_id, "encoder_sha256": weights_sha256(model_dir), "metric": metric, "k": k,
                 "pooling": "mean", "normalize_embeddings": _sentence_transformers_normalizes(model_dir),
-                "label_normalization": "lowercase,underscore,camelcase(video)"}
+                "label_normalization": "lowercase,underscore,camelcase(video)", "source": source}
+    stats = None
+    if source != "text":
+        stats = _training_statistics(cache, source=source, ya=ya, video_labels=video_labels,
+                                     audio_labels=audio_labels)
+        sd.data_topk(stats, k=k, min_lift=min_lift, min_freq=min_freq)  # checks the thresholds before any work
+        settings.update(ya=ya, min_lift=float(min_lift), min_freq=float(min_freq), stats_split=stats.split,
+                        audio_model_sha256=stats.audio_model_sha256, stats_manifest_sha256=stats.manifest_sha256)
     store_path = SAVLD.path(out)
     if store_path.exists() and not overwrite:
         existing = load_savld(store_path)
-        problems = diff_settings(existing.attrs.get("settings", {}), settings)
+        # stores from before --source existed are text dictionaries
+        problems = diff_settings({"source": "text", **existing.attrs.get("settings", {})}, settings)
         if existing.video_labels != video_labels:
             problems.append("video_labels differ")
         if existing.audio_labels != audio_labels:
@@ -499,7 +535,7 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
             raise SettingsMismatch(f"{store_path} was built differently:\n  " + "\n  ".join(problems)
                                    + "\nRerun with --overwrite to rebuild it (relevance.zarr built from "
                                      "it must then be rebuilt too), or choose another --out.")
-        console.print(f"{store_path} is up to date (same encoder, metric, k and labels); reusing it.")
+        console.print(f"{store_path} is up to date (same source, encoder, metric, k and labels); reusing it.")
         if not (out / TEXT_NAME).exists():
             write_savld_txt(out / TEXT_NAME, existing)
         if plot:
@@ -520,12 +556,36 @@ def build_savld(*, video_labels: list[str] | None = None, audio_labels: list[str
     finally:
         torch.set_num_threads(before)
     sim = similarity_matrix(emb[: len(video_texts)], emb[len(video_texts):], metric=metric)
-    savld = Savld.from_similarity(video_labels, audio_labels, sim, k=k, metric=metric)
+    if stats is None:
+        savld = Savld.from_similarity(video_labels, audio_labels, sim, k=k, metric=metric)
+    else:
+        if source == "data":
+            idx, score = sd.data_topk(stats, k=k, min_lift=min_lift, min_freq=min_freq)
+        else:
+            idx, score = sd.hybrid_topk(stats, sim, k=k, min_lift=min_lift, min_freq=min_freq)
+        savld = Savld(video_labels=video_labels, audio_labels=audio_labels, similarity=sim, topk_index=idx,
+                      topk_score=score, attrs={"metric": metric, "k": k},
+                      data={"lift": stats.lift.astype(np.float32), "frequency": stats.frequency.astype(np.float32),
+                            "base_frequency": stats.base_frequency.astype(np.float32)})
     extra = {"encoder": model_id, "encoder_sha256": info["weights_sha256"], "video_texts": video_texts,
              "audio_texts": audio_texts, "video_source": video_source or "list",
              "audio_source": audio_source or "list"}
     return write_savld(savld, out, settings=settings, manifest_sha256=manifest_sha, plot=plot,
                        overwrite=overwrite, **extra)
+
+
+def _training_statistics(cache, *, source: str, ya: int, video_labels, audio_labels):
+    """The training split's label statistics for a data/hybrid dictionary (needs a finished audio.zarr)."""
+    from imdpipe.pipeline.relevance import audio_store_finished
+    from imdpipe.pipeline.savld_data import label_statistics
+
+    if cache is None:
+        raise ValueError(f"--source {source} needs --cache: it counts the audio model's predictions on the "
+                         f"cache's training videos (audio.zarr)")
+    finished, why = audio_store_finished(cache)
+    if not finished:
+        raise ValueError(f"--source {source} needs the audio predictions of every training video: {why}")
+    return label_statistics(cache, ya=ya, video_labels=video_labels, audio_labels=audio_labels)
 
 
 def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha256: str | None = None,
@@ -545,16 +605,21 @@ def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha25
     metric = settings.get("metric", savld.attrs.get("metric", ""))
     root = root_attrs(SAVLD.stage, settings, manifest_sha256, metric=metric, k=savld.k,
                       video_labels=savld.video_labels, audio_labels=savld.audio_labels,
-                      savld_sha256=savld.sha256, similarity_convention=SIMILARITY_CONVENTION, **attrs)
+                      savld_sha256=savld.sha256, similarity_convention=SIMILARITY_CONVENTION,
+                      source=settings.get("source", "text"), **attrs)
     out.mkdir(parents=True, exist_ok=True)
 
     def build(group):  # the arrays are written before the store is renamed into place
         add_array(group, "similarity", np.asarray(savld.similarity, np.float32), ("video_label", "audio_label"),
                   metric=metric)
         add_array(group, "topk_index", np.asarray(savld.topk_index, np.int32), ("video_label", "rank"),
-                  description="audio label index, best first")
+                  description="audio label index, best first; -1 pads an entry shorter than k")
         add_array(group, "topk_score", np.asarray(savld.topk_score, np.float32), ("video_label", "rank"),
-                  metric=metric)
+                  metric=metric, description=_SCORE_MEANING[settings.get("source", "text")])
+        for name, dims in DATA_ARRAYS.items():
+            if name in savld.data:
+                add_array(group, name, np.asarray(savld.data[name], np.float32), dims,
+                          split=settings.get("stats_split"), ya=settings.get("ya"))
 
     group = create_group(SAVLD.path(out), root, overwrite=overwrite, build=build)
     savld.attrs = dict(group.attrs)
@@ -563,6 +628,12 @@ def write_savld(savld: Savld, out: str | Path, *, settings: dict, manifest_sha25
         write_plots(savld, out / PLOTS_DIR)
     return savld
 
+
+#: Arrays of a data/hybrid dictionary: the training split's statistics it was ranked by.
+DATA_ARRAYS = {"lift": ("video_label", "audio_label"), "frequency": ("video_label", "audio_label"),
+               "base_frequency": ("audio_label",)}
+_SCORE_MEANING = {"text": "text similarity", "data": "lift on the training split, NaN at padding",
+                  "hybrid": "text similarity, NaN at padding"}
 
 SIMILARITY_CONVENTION = ("higher is closer: cosine similarity, or minus the euclidean/manhattan distance; "
                          "ties -> lower audio index")
@@ -573,7 +644,8 @@ SIMILARITY_CONVENTION = ("higher is closer: cosine similarity, or minus the eucl
 # ---------------------------------------------------------------------------------------------
 def mapped_counts(savld: Savld) -> np.ndarray:
     """How many video labels list each audio label in their top-k (Ua,)."""
-    return np.bincount(savld.topk_index.ravel(), minlength=len(savld.audio_labels))
+    idx = savld.topk_index.ravel()
+    return np.bincount(idx[idx >= 0], minlength=len(savld.audio_labels))
 
 
 def write_plots(savld: Savld, out_dir: str | Path, *, top: int = 50) -> list[Path]:

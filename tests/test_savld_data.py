@@ -286,3 +286,21 @@ def test_settings_mismatch_names_the_source(cache):
         from imdpipe.pipeline.savld import build_savld
 
         build_savld(cache=cache, source="data", ya=1, k=3)
+
+
+def test_cache_with_dictionary_shares_stores_and_owns_its_targets(cache, tmp_path_factory):
+    text_savld(cache, {})
+    before = sorted(p.name for p in cache.iterdir())
+    out = sd.cache_with_dictionary(cache, tmp_path_factory.mktemp("variant"), source="data", k=3, K=3, ya=1,
+                                   show_progress=False)
+    assert (out / "audio.zarr").is_symlink() and (out / "manifest.csv").is_symlink()
+    assert not (out / "savld.zarr").is_symlink() and load_savld(out / "savld.zarr").source == "data"
+    assert zarr.open_group(out / "relevance.zarr", mode="r").attrs["savld_source"] == "data"
+    assert sorted(p.name for p in cache.iterdir()) == before  # the original cache is untouched
+    assert load_savld(cache / "savld.zarr").source == "text"
+    again = sd.cache_with_dictionary(cache, out, source="data", k=3, K=3, ya=1, show_progress=False)
+    assert again == out  # a rerun reuses both stores
+    (out / "labels.txt").unlink()
+    (out / "labels.txt").write_text("not a link\n")
+    with pytest.raises(FileExistsError, match="labels.txt"):
+        sd.cache_with_dictionary(cache, out, source="data", k=3, K=3, ya=1, show_progress=False)

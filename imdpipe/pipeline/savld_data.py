@@ -233,3 +233,54 @@ def _check_thresholds(k: int, min_lift: float, min_freq: float, ua: int) -> None
                          f"less often than the split at large), got {min_lift}")
     if not 0.0 <= min_freq <= 1.0:
         raise ValueError(f"min_freq (--min-freq) must be in [0, 1], got {min_freq}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache that differs only in its dictionary
+# ---------------------------------------------------------------------------------------------
+#: What a dictionary variant builds for itself; everything else in the cache is shared by symlink.
+OWN_FILES = ("savld.zarr", "savld.txt", "relevance.zarr", "plots", "savld_report.md", "savld_report.html",
+             "savld_report.json")
+
+
+def cache_with_dictionary(cache: str | Path, out: str | Path, *, source: str, k: int, K: int, ya: int,
+                          overlap: str = "iou", min_lift: float | None = None, min_freq: float | None = None,
+                          text_model: str | Path | None = None, console=None, show_progress: bool = True) -> Path:
+    """A cache directory sharing every store of ``cache`` but with its own dictionary and targets.
+
+    ``out`` receives symlinks to ``cache``'s manifest, labels and stores (frames.zarr, audio.zarr,
+    ...), and its own ``savld.zarr`` (built with ``source``) and ``relevance.zarr``. Training on
+    ``out`` trains IMD with that dictionary and nothing else changed; a rerun reuses what exists.
+
+    Args:
+        cache: a cache with a finished audio.zarr.
+        out: the variant's directory (created).
+        source: ``text``, ``data`` or ``hybrid``.
+        k, K, ya, overlap: dictionary size, relevance K, Ya and overlap (as in build-savld).
+        min_lift, min_freq: data/hybrid thresholds (default ours: 2.0, 0.3).
+        text_model: sentence encoder (default: the offline MiniLM).
+        console, show_progress: messages and progress bars.
+
+    Raises:
+        FileExistsError: ``out`` holds a file of the same name that is not a link into ``cache``.
+    """
+    from imdpipe.pipeline.relevance import build_relevance
+    from imdpipe.pipeline.savld import build_savld
+
+    cache, out = Path(cache).resolve(), Path(out)
+    if out.resolve() == cache:
+        raise ValueError(f"the variant directory must differ from the cache ({cache})")
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(cache.iterdir()):
+        if entry.name in OWN_FILES or entry.name.startswith(".") or entry.resolve() == out.resolve():
+            continue
+        link = out / entry.name
+        if link.is_symlink() and link.resolve() == entry.resolve():
+            continue
+        if link.exists() or link.is_symlink():
+            raise FileExistsError(f"{link} exists and is not a link to {entry}; remove it or pick another directory")
+        link.symlink_to(entry, target_is_directory=entry.is_dir())
+    build_savld(cache=out, k=k, text_model=text_model, source=source, ya=ya, min_lift=min_lift, min_freq=min_freq,
+                console=console)
+    build_relevance(cache=out, K=K, ya=ya, overlap=overlap, console=console, show_progress=show_progress)
+    return out

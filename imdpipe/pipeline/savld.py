@@ -284,6 +284,15 @@ def topk(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order.astype(np.int32), np.take_along_axis(similarity, order, axis=1).astype(np.float32)
 
 
+def label_rows(video_labels: list[str], names) -> dict[str, int]:
+    """Row of each name among ``video_labels``: the exact name, else the normalised text; -1 if absent."""
+    exact = {v: i for i, v in enumerate(video_labels)}
+    normal: dict[str, int] = {}
+    for i, v in enumerate(video_labels):
+        normal.setdefault(normalize_label(v, kind="video"), i)  # the first row wins, as a scan would
+    return {n: exact.get(n, normal.get(normalize_label(n, kind="video"), -1)) for n in names}
+
+
 def savld_sha256(video_labels, audio_labels, topk_index: np.ndarray) -> str:
     """Content hash of a dictionary: both label lists and the ranked top-k indices.
 
@@ -346,14 +355,9 @@ class Savld:
 
     def row_of(self, video_label: str) -> int:
         """Row of a video label, by exact name, else by its normalised text."""
-        try:
-            return self.video_labels.index(video_label)
-        except ValueError:
-            pass
-        wanted = normalize_label(video_label, kind="video")
-        for i, v in enumerate(self.video_labels):
-            if normalize_label(v, kind="video") == wanted:
-                return i
+        row = label_rows(self.video_labels, [video_label])[video_label]
+        if row >= 0:
+            return row
         raise KeyError(f"video label {video_label!r} is not in the dictionary")
 
     def neighbours(self, video_label: str, k: int | None = None) -> list[str]:

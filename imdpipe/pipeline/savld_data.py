@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imdpipe.contract import RELEVANCE, SAVLD
 from imdpipe.pipeline.store import SettingsMismatch, StageStore
 
 SOURCES = ("text", "data", "hybrid")
@@ -87,15 +88,6 @@ class LabelStats:
         return (self.lift >= min_lift) & (self.frequency >= min_freq) & (self.counts > 0)
 
 
-def label_rows(video_labels: list[str], names) -> dict[str, int]:
-    """Row of each class name among ``video_labels``: exact name, else the normalised text; -1 if absent."""
-    from imdpipe.pipeline.savld import normalize_label
-
-    exact = {v: i for i, v in enumerate(video_labels)}
-    normal = {normalize_label(v, kind="video"): i for i, v in enumerate(video_labels)}
-    return {n: exact.get(n, normal.get(normalize_label(n, kind="video"), -1)) for n in names}
-
-
 def label_statistics(cache: str | Path, *, ya: int, video_labels: list[str] | None = None,
                      audio_labels: list[str] | None = None, split: str = STATS_SPLIT) -> LabelStats:
     """Count the audio model's top-``ya`` labels per class over one split (default: train).
@@ -116,6 +108,7 @@ def label_statistics(cache: str | Path, *, ya: int, video_labels: list[str] | No
     from imdpipe.contract import AUDIO
     from imdpipe.pipeline.manifest import read_manifest
     from imdpipe.pipeline.relevance import read_audio_block, top_predictions
+    from imdpipe.pipeline.savld import label_rows
 
     cache = Path(cache)
     manifest = read_manifest(cache)
@@ -239,7 +232,7 @@ def _check_thresholds(k: int, min_lift: float, min_freq: float, ua: int) -> None
 # A cache that differs only in its dictionary
 # ---------------------------------------------------------------------------------------------
 #: What a dictionary variant builds for itself; everything else in the cache is shared by symlink.
-OWN_FILES = ("savld.zarr", "savld.txt", "relevance.zarr", "plots", "savld_report.md", "savld_report.html",
+OWN_FILES = (SAVLD.name, "savld.txt", RELEVANCE.name, "plots", "savld_report.md", "savld_report.html",
              "savld_report.json")
 
 

@@ -203,7 +203,7 @@ def savld_report(*, cache: str | Path, savld: str | Path | None = None, K: int |
     """
     from imdpipe.pipeline.manifest import read_manifest
     from imdpipe.pipeline.relevance import OVERLAPS, audio_store_finished
-    from imdpipe.pipeline.savld import load_savld, topk
+    from imdpipe.pipeline.savld import label_rows, load_savld, topk
 
     cache = Path(cache)
     manifest = read_manifest(cache)
@@ -238,7 +238,7 @@ def savld_report(*, cache: str | Path, savld: str | Path | None = None, K: int |
     train = np.zeros(len(manifest), bool)
     train[[i for i in manifest.ok_indices(stats.split)]] = True
     train &= done
-    rows_of = sd.label_rows(d.video_labels, {r.label_name for r in manifest.records})
+    rows_of = label_rows(d.video_labels, {r.label_name for r in manifest.records})
     video_row = np.array([rows_of.get(r.label_name, -1) for r in manifest.records], np.int64)
 
     def entry_dicts(idx) -> list[dict]:

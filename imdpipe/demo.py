@@ -8,7 +8,8 @@ user would type):
 2. ``train-tagger``: a small AST (the real architecture) trained on the sound bank; it stands in
    for the AudioSet-pretrained AST, which cannot be downloaded here;
 3. ``index``, ``extract-flow``, ``extract-audio`` (with that tagger), ``build-savld`` (offline
-   MiniLM encoder, audio labels from the tagger) and the relevance targets;
+   MiniLM encoder, audio labels from the tagger), the relevance targets, and ``savld-report`` (relevance AUC of the paper's text dictionary against the data-driven
+   and hybrid ones, ground truth known);
 4. ``train`` + ``evaluate`` with the same seed and epochs for: visual only, late concat, GMU,
    IMD, and IMD with intra-class cross-modality augmentation;
 5. a table in the style of the paper's Table 5, ``results.json`` and a markdown report.
@@ -123,6 +124,9 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     with step("6. build-savld + relevance targets"):
         build_savld(cache=cache, k=s.savld_k, plot=True, console=console)
         build_relevance(cache=cache, K=s.relevance_k, ya=s.ya, alpha=s.alpha, console=console)
+    with step("6b. savld-report: text vs data vs hybrid dictionaries"):
+        dictionaries, _ = compare_dictionaries(cache, out, s, ground_truth=data / "ground_truth.csv",
+                                               console=console, show_progress=show_progress)
 
     base = TrainConfig(size="tiny", alpha=s.alpha, num_frames=s.num_frames, frame_stride=s.frame_stride,
                        crop_size=s.crop_size, optimizer="adamw", lr=s.lr, weight_decay=0.05,
@@ -148,9 +152,59 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = format_table(results)
     console.print(table)
-    write_report(out, rows=rows, seed=seed, settings=s, timings=timings, cache=cache)
+    write_report(out, rows=rows, seed=seed, settings=s, timings=timings, cache=cache, dictionaries=dictionaries)
     console.print(f"report: {out / 'report.md'}   results: {out / 'results.json'}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Dictionaries: text (the paper's) vs data vs hybrid
+# ---------------------------------------------------------------------------------------------
+def compare_dictionaries(cache: Path, out: Path, s: DemoSettings, *, ground_truth: Path, sources=(),
+                         console=None, show_progress: bool = True) -> tuple[dict, dict[str, Path]]:
+    """The SAVLD report of the demo's cache (relevance AUC of the text, data and hybrid
+    dictionaries against the ground truth, written to ``cache/savld_report.*``) and, for each
+    source in ``sources`` other than text, a cache variant with that dictionary's relevance targets
+    (``out/cache-<source>``: every other store shared by symlink) to train on.
+
+    Returns:
+        ``(savld_report.json's content, {source: cache to train on})``.
+    """
+    from imdpipe.pipeline.savld_data import cache_with_dictionary
+    from imdpipe.pipeline.savld_report import print_report, savld_report, write_report
+
+    report = savld_report(cache=cache, K=s.relevance_k, ya=s.ya, alpha=s.alpha, ground_truth=ground_truth)
+    write_report(report, cache)
+    if console is not None:
+        print_report(report, console)
+    caches = {"text": cache}
+    for source in sorted(set(sources) - {"text"}):
+        caches[source] = cache_with_dictionary(cache, out / f"cache-{source}", source=source, k=s.savld_k,
+                                               K=s.relevance_k, ya=s.ya, console=console,
+                                               show_progress=show_progress)
+    return report.as_dict(), caches
+
+
+def dictionary_table(report: dict) -> str:
+    """The dictionaries' relevance AUCs and shares as a markdown table with one sentence of reading."""
+    from imdpipe.pipeline.savld_report import DICTIONARIES
+
+    splits = (report.get("auc") or {}).get("splits", {})
+    test, train = splits.get("test", {}), splits.get("train", {})
+    names = {"text": "text (the paper's)", "data": "data (training-split lift)", "hybrid": "hybrid"}
+    lines = [f"Relevance targets of three dictionaries against the ground truth (`imdpipe savld-report`; "
+             f"K={report['settings']['K']}, Ya={report['settings']['Ya']}; data thresholds ours: lift >= "
+             f"{report['settings']['min_lift']:g}, frequency >= {report['settings']['min_freq']:g}; statistics "
+             f"from the training split only, so the test AUC is held out):", "",
+             "| dictionary | AUC test (held out) | AUC train | training clips marked relevant | empty entries |",
+             "|---|---:|---:|---:|---|"]
+    for name in DICTIONARIES:
+        auc = [f"{d[name]['auc']:.3f}" if d.get(name) and d[name]["auc"] is not None else "-" for d in (test, train)]
+        empty = "-" if name == "text" else ", ".join(c["label"] for c in report["classes"]
+                                                       if not c[f"{name}_entry"]) or "none"
+        lines.append(f"| {names[name]} | {auc[0]} | {auc[1]} | {100 * report['relevant_share'][name]:.1f}% | "
+                     f"{empty} |")
+    return "\n".join(lines)
 
 
 def _quiet_transformers() -> None:
@@ -179,7 +233,7 @@ def _pct(x) -> str:
 
 
 def write_report(out: Path, *, rows: list[dict], seed: int, settings: DemoSettings, timings: dict,
-                 cache: Path) -> Path:
+                 cache: Path, dictionaries: dict | None = None) -> Path:
     """Write ``out/report.md`` with the table and the pictures beside it."""
     lines = [
         "# imdpipe demo report",
@@ -197,6 +251,9 @@ def write_report(out: Path, *, rows: list[dict], seed: int, settings: DemoSettin
     lines += ["", "`audio dropped`: share of test clips whose relevance rev fell below alpha, so IMD masked",
               "their audio (only IMD has a relevance network). `AUC`: how well rev separates videos whose",
               "audio is relevant from the others, against the synthetic ground truth.", ""]
+    if dictionaries:
+        lines += [dictionary_table(dictionaries), "", f"Per class: `{(cache / 'savld_report.md').relative_to(out)}`.",
+                  ""]
     plots = cache / "plots"
     for png in sorted(plots.glob("*.png")) if plots.exists() else []:
         lines += [f"![{png.stem}]({png.relative_to(out)})", ""]

@@ -23,6 +23,9 @@ def test_demo_runs_every_stage_and_writes_results(tmp_path):
     assert imd["visual only"]["audio_dropped"] is None and imd["GMU"]["relevance_auc"] is None
     report = (out / "report.md").read_text()
     assert "| IMD* |" in report and "savld" in report.lower()
+    # the dictionaries' relevance AUCs (text vs data vs hybrid) are reported beside the table
+    assert "| text (the paper's) |" in report and "| hybrid |" in report
+    assert (out / "cache" / "savld_report.json").is_file() and (out / "cache" / "savld_report.md").is_file()
     for run in ("visual-only", "late-concat", "gmu", "imd", "imd-aug"):
         assert (out / "runs" / run / "metrics.json").is_file()
     # the stores and the tagger are reused by a rerun of the same seed; another seed is refused here

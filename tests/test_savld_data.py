@@ -304,3 +304,20 @@ def test_cache_with_dictionary_shares_stores_and_owns_its_targets(cache, tmp_pat
     (out / "labels.txt").write_text("not a link\n")
     with pytest.raises(FileExistsError, match="labels.txt"):
         sd.cache_with_dictionary(cache, out, source="data", k=3, K=3, ya=1, show_progress=False)
+
+
+def test_demo_dictionary_comparison(cache, tmp_path_factory):
+    from imdpipe.demo import DemoSettings, compare_dictionaries, dictionary_table
+
+    text_savld(cache, {"yoga": ["Guitar", "Drum", "Siren"]})
+    out = tmp_path_factory.mktemp("demo")
+    settings = DemoSettings(relevance_k=1, ya=1, savld_k=3)
+    report, caches = compare_dictionaries(cache, out, settings, ground_truth=cache / "ground_truth.csv",
+                                          sources={"text", "hybrid"}, show_progress=False)
+    assert caches["text"] == cache and caches["hybrid"] == out / "cache-hybrid"
+    assert zarr.open_group(caches["hybrid"] / "relevance.zarr", mode="r").attrs["savld_source"] == "hybrid"
+    test_auc = report["auc"]["splits"]["test"]
+    assert test_auc["data"]["auc"] == pytest.approx(1.0) and test_auc["hybrid"]["auc"] == pytest.approx(1.0)
+    table = dictionary_table(report)
+    assert f"| data (training-split lift) | {test_auc['data']['auc']:.3f} |" in table
+    assert "juggling_balls, skipping_rope, yoga" in table and (cache / sr.REPORT_JSON).is_file()

@@ -267,7 +267,7 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
         raise ValueError(f"{audio.path}: logits have {logits_arr.shape[2]} labels, audio_labels {C}")
 
     class_row = _class_rows(savld, manifest)
-    member, entry_size = dictionary_members(savld, K)
+    member, entry_size = dictionary_members(savld.topk_index, C, K)
     audio_settings = audio.settings
     settings = {"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
                 "audio_model": audio_settings.get("model", a_attrs.get("model")),
@@ -339,14 +339,14 @@ def clip_targets(logits: np.ndarray, audible: np.ndarray, member: np.ndarray, en
     return normalized_overlap(counts, K=entry_size[:, None], Ya=ya, overlap=overlap), counts
 
 
-def dictionary_members(savld, K: int) -> tuple[np.ndarray, np.ndarray]:
+def dictionary_members(topk_index: np.ndarray, num_audio_labels: int, K: int) -> tuple[np.ndarray, np.ndarray]:
     """``(member (Uv, C) bool, entry size (Uv,) int)``: each class's first K dictionary labels.
 
-    A data/hybrid entry can hold fewer than K labels (``-1`` padding); its targets are normalised
-    by its own size, and an empty entry gives target 0.
+    A data/hybrid entry can hold fewer than K labels (``-1`` padding in ``topk_index``); its
+    targets are normalised by its own size, and an empty entry gives target 0.
     """
-    idx = np.asarray(savld.topk_index[:, :K], dtype=np.int64)
-    member = np.zeros((len(savld.video_labels), len(savld.audio_labels)), dtype=bool)
+    idx = np.asarray(topk_index[:, :K], dtype=np.int64)
+    member = np.zeros((idx.shape[0], num_audio_labels), dtype=bool)
     rows, cols = np.nonzero(idx >= 0)
     member[rows, idx[rows, cols]] = True
     return member, member.sum(1)

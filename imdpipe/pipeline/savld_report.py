@@ -138,7 +138,7 @@ def dictionary_targets(cache: Path, manifest, savld, entries: dict[str, np.ndarr
     n, W = int(audio["logits"].shape[0]), int(audio["logits"].shape[1])
     class_row = _class_rows(savld, manifest)
     done = audio.done_mask() & (class_row >= 0)
-    members = {name: dictionary_members(_with_index(savld, idx), K) for name, idx in entries.items()}
+    members = {name: dictionary_members(idx, len(savld.audio_labels), K) for name, idx in entries.items()}
     out = {name: np.zeros((n, W), np.float32) for name in entries}
     for s, e in audio.shard_ranges():
         sel = np.flatnonzero(done[s:e])
@@ -150,13 +150,6 @@ def dictionary_targets(cache: Path, manifest, savld, entries: dict[str, np.ndarr
             t, _ = clip_targets(logits[sel], audible[sel], member[rows], size[rows], ya=ya, overlap=overlap)
             out[name][s + sel] = t
     return out, done
-
-
-class _with_index:
-    """A dictionary view with another top-k index (what :func:`dictionary_members` reads)."""
-
-    def __init__(self, savld, topk_index):
-        self.video_labels, self.audio_labels, self.topk_index = savld.video_labels, savld.audio_labels, topk_index
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ user would type):
 2. ``train-tagger``: a small AST (the real architecture) trained on the sound bank; it stands in
    for the AudioSet-pretrained AST, which cannot be downloaded here;
 3. ``index``, ``extract-flow``, ``extract-audio`` (with that tagger), ``build-savld`` (offline
-   MiniLM encoder, audio labels from the tagger), the relevance targets, and ``savld-report`` (relevance AUC of the paper's text dictionary against the data-driven
-   and hybrid ones, ground truth known);
+   MiniLM encoder, audio labels from the tagger), the relevance targets, and ``savld-report``
+   (relevance AUC of the paper's text dictionary against the data-driven and hybrid ones);
 4. ``train`` + ``evaluate`` with the same seed and epochs for: visual only, late concat, GMU,
    IMD, and IMD with intra-class cross-modality augmentation;
 5. a table in the style of the paper's Table 5, ``results.json`` and a markdown report.

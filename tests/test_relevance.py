@@ -237,3 +237,16 @@ def test_cli_builds_savld_from_the_cache_then_relevance(cache):
                                       "--out", str(cache / "as"), "--k", "3", "--relevance-k", "2", "--ya", "3",
                                       "--quiet"])
     assert result.exit_code == 2 and "label spaces differ" in result.output
+
+
+@pytest.mark.parametrize("K,ya,overlap", [(2, 3, "iou"), (1, 2, "dice"), (3, 3, "iou")])
+def test_targets_rebuilt_in_memory_equal_the_store(cache, K, ya, overlap):
+    rel.build_relevance(cache=cache, savld=_hand_savld(), K=K, ya=ya, overlap=overlap, show_progress=False)
+    g = zarr.open_group(cache / "relevance.zarr", mode="r")
+    mem = rel.relevance_targets(cache=cache, savld=_hand_savld(), K=K, ya=ya, overlap=overlap, block=2)
+    assert mem.done.tolist() == g["done"][:].tolist()
+    np.testing.assert_array_equal(mem.target, g["target"][:])
+    np.testing.assert_array_equal(mem.overlap_count, g["overlap_count"][:])
+    assert mem.target.dtype == np.float32 and mem.savld_sha256 == g.attrs["savld_sha256"]
+    with pytest.raises(ValueError, match="Ya"):
+        rel.relevance_targets(cache=cache, savld=_hand_savld(), K=K, ya=99)

@@ -209,32 +209,24 @@ def build_relevance_when_audio_done(*, cache: str | Path, console=None, **kwargs
     return build_relevance(cache=cache, console=console, **kwargs)
 
 
-def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
-                    alpha: float = 0.25, overwrite: bool = False, part: Partition | None = None,
-                    console=None, show_progress: bool = True) -> RelevanceResult:
-    """Write ``cache/relevance.zarr``: the relevance target of every video and audio window.
+@dataclass
+class _Inputs:
+    """What both the stage and the in-memory rebuild read: the manifest, the dictionary, audio.zarr."""
 
-    Args:
-        cache: cache root holding manifest.csv and a finished audio.zarr.
-        savld: a :class:`~imdpipe.pipeline.savld.Savld`, a path to savld.zarr, or None for
-            ``cache/savld.zarr``.
-        K: dictionary labels per class (paper best: 10); at most the dictionary's k.
-        ya: audio predictions per window (paper best: 20).
-        overlap: ``iou`` (paper default) or ``dice``.
-        alpha: relevance threshold, only for the per-class table (paper best: 0.25).
-        overwrite: rebuild an existing relevance store made with other settings.
-        part: which shards this process writes (default: all).
-        console: rich console; show_progress: draw a progress bar.
+    manifest: object
+    savld: object
+    audio: StageStore
+    class_row: np.ndarray  # (N,) SAVLD row of each video's class
+    C: int
+    W: int
 
-    Raises:
-        ValueError: K/Ya out of range, label spaces that differ, or classes the SAVLD lacks.
-        SettingsMismatch: an existing relevance store with other settings (without overwrite).
-    """
+
+def _open_inputs(cache: Path, savld, K: int, ya: int, overlap: str) -> _Inputs:
+    """Read and check the manifest, the SAVLD and audio.zarr for relevance targets (see build_relevance)."""
     from imdpipe.pipeline.manifest import read_manifest
     from imdpipe.pipeline.savld import Savld, load_savld
 
     _check_overlap(overlap)
-    cache = Path(cache)
     manifest = read_manifest(cache)
     if savld is None:
         savld = SAVLD.path(cache)
@@ -262,12 +254,80 @@ def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20,
     if not 1 <= ya <= C:
         raise ValueError(f"Ya (--ya) must be in [1, {C}] (the audio model's label count), got {ya}")
     logits_arr = audio["logits"]
-    n, W = int(logits_arr.shape[0]), int(logits_arr.shape[1])
+    W = int(logits_arr.shape[1])
     if int(logits_arr.shape[2]) != C:
         raise ValueError(f"{audio.path}: logits have {logits_arr.shape[2]} labels, audio_labels {C}")
+    return _Inputs(manifest=manifest, savld=savld, audio=audio, class_row=_class_rows(savld, manifest), C=C, W=W)
 
-    class_row = _class_rows(savld, manifest)
-    member, entry_size = dictionary_members(savld.topk_index, C, K)
+
+@dataclass
+class Targets:
+    """Relevance targets rebuilt in memory (:func:`relevance_targets`), as relevance.zarr would hold them."""
+
+    target: np.ndarray  # (N, W) float32
+    overlap_count: np.ndarray  # (N, W) int
+    done: np.ndarray  # (N,) bool: the audio stage has a result for the video
+    K: int
+    ya: int
+    overlap: str
+    savld_sha256: str
+
+
+def relevance_targets(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
+                      block: int = 4096) -> Targets:
+    """Every video's relevance targets for one K / Ya / overlap, in memory (nothing is written).
+
+    The same computation as :func:`build_relevance` (same checks, same functions: each class's
+    entry and its own size from :func:`dictionary_members`, so text, data and hybrid dictionaries
+    are all honoured), for ablation sweeps that try several K / Ya / overlap without a store per
+    setting. Videos the audio stage has no result for (or the manifest marks bad) are not ``done``
+    and hold 0.
+    """
+    cache = Path(cache)
+    inputs = _open_inputs(cache, savld, K, ya, overlap)
+    n, W = len(inputs.manifest), inputs.W
+    member, entry_size = dictionary_members(inputs.savld.topk_index, inputs.C, K)
+    done = inputs.audio.done_mask()
+    done[[r.index for r in inputs.manifest.records if not r.ok]] = False
+    target = np.zeros((n, W), dtype=np.float32)
+    counts = np.zeros((n, W), dtype=np.int64)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        logits, audible = read_audio_block(inputs.audio, s, e)
+        rows = np.maximum(inputs.class_row[s:e], 0)  # bad videos (-1) are not done: zeroed below
+        t, c = clip_targets(logits, audible, member[rows], entry_size[rows], ya=ya, overlap=overlap)
+        target[s:e], counts[s:e] = np.where(done[s:e, None], t, 0), np.where(done[s:e, None], c, 0)
+    return Targets(target=target, overlap_count=counts, done=done, K=K, ya=ya, overlap=overlap,
+                   savld_sha256=inputs.savld.sha256)
+
+
+def build_relevance(*, cache: str | Path, savld=None, K: int = 10, ya: int = 20, overlap: str = "iou",
+                    alpha: float = 0.25, overwrite: bool = False, part: Partition | None = None,
+                    console=None, show_progress: bool = True) -> RelevanceResult:
+    """Write ``cache/relevance.zarr``: the relevance target of every video and audio window.
+
+    Args:
+        cache: cache root holding manifest.csv and a finished audio.zarr.
+        savld: a :class:`~imdpipe.pipeline.savld.Savld`, a path to savld.zarr, or None for
+            ``cache/savld.zarr``.
+        K: dictionary labels per class (paper best: 10); at most the dictionary's k.
+        ya: audio predictions per window (paper best: 20).
+        overlap: ``iou`` (paper default) or ``dice``.
+        alpha: relevance threshold, only for the per-class table (paper best: 0.25).
+        overwrite: rebuild an existing relevance store made with other settings.
+        part: which shards this process writes (default: all).
+        console: rich console; show_progress: draw a progress bar.
+
+    Raises:
+        ValueError: K/Ya out of range, label spaces that differ, or classes the SAVLD lacks.
+        SettingsMismatch: an existing relevance store with other settings (without overwrite).
+    """
+    cache = Path(cache)
+    inputs = _open_inputs(cache, savld, K, ya, overlap)
+    manifest, savld, audio, W, n = inputs.manifest, inputs.savld, inputs.audio, inputs.W, len(inputs.manifest)
+    a_attrs = audio.attrs
+    class_row = inputs.class_row
+    member, entry_size = dictionary_members(savld.topk_index, inputs.C, K)
     audio_settings = audio.settings
     settings = {"K": K, "Ya": ya, "overlap": overlap, "savld_sha256": savld.sha256,
                 "audio_model": audio_settings.get("model", a_attrs.get("model")),

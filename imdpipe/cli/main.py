@@ -14,9 +14,11 @@ from imdpipe.cli.index import index_cmd
 from imdpipe.cli.model_info import model_info_cmd
 from imdpipe.cli.savld import build_savld_cmd
 from imdpipe.cli.savld_report import savld_report_cmd
+from imdpipe.cli.sweep import sweep_cmd
 from imdpipe.cli.synth import synth_cmd
 from imdpipe.cli.train import evaluate_cmd, predict_cmd, train_cmd
 from imdpipe.cli.verify import verify_cmd
+from imdpipe.cli.visual import extract_visual_cmd
 
 app = typer.Typer(
     name="imdpipe",
@@ -61,8 +63,10 @@ app.command("train-tagger")(train_tagger_cmd)
 app.command("extract-audio")(extract_audio_cmd)
 app.command("build-savld")(build_savld_cmd)
 app.command("savld-report")(savld_report_cmd)
+app.command("extract-visual")(extract_visual_cmd)
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
+app.command("sweep")(sweep_cmd)
 app.command("predict")(predict_cmd)
 app.command("verify")(verify_cmd)
 app.command("model-info")(model_info_cmd)

@@ -88,6 +88,9 @@ def train_cmd(
                                                    "flags given here override its values.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its "
                                          "checkpoint-last.pt (with the settings it started with).")] = False,
+    visual: Annotated[Optional[Path], typer.Option(
+        "--visual", help="With --head-only: the store of cached visual embeddings (default: CACHE/visual.zarr, "
+                         "written by `imdpipe extract-visual`).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     **given,
 ):
@@ -112,7 +115,12 @@ def train_cmd(
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
     with cli_errors():
-        train(cache=cache, out=out, config=cfg, resume=resume, show_progress=not quiet)
+        if cfg is not None and cfg.head_only:
+            from imdpipe.train.head_only import train_head_only
+
+            train_head_only(cache=cache, out=out, config=cfg, visual=visual, show_progress=not quiet)
+        else:
+            train(cache=cache, out=out, config=cfg, resume=resume, show_progress=not quiet)
 
 
 def _derive_signature(cmd) -> None:

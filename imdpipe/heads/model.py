@@ -157,14 +157,16 @@ class MultimodalActionModel(nn.Module):
     ``forward(..., rev_logit=True) -> (logits, rev, rev_logit)`` for the training loss.
     """
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, *, streams: bool = True) -> None:
+        """``streams=False`` builds the head alone (``visual`` None): it takes cached visual
+        embeddings through :meth:`forward_head`; its state dict is the full model's minus ``visual.*``."""
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.config = cfg
         visual_dim = cfg.visual_dim
         fusion_dim = cfg.fusion_dim or visual_dim
         hidden_dim = cfg.hidden_dim or fusion_dim
-        self.visual = TwoStreamTransformer(cfg.visual_config(), **dd) if cfg.visual_streams else None
+        self.visual = TwoStreamTransformer(cfg.visual_config(), **dd) if cfg.visual_streams and streams else None
         self.audio = (
             AudioBottleneck(cfg.audio_dim, hidden_dim, fusion_dim, drop=cfg.drop_rate, **dd)
             if "audio" in cfg.modalities

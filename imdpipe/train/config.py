@@ -44,6 +44,9 @@ FIELD_HELP: dict[str, str] = {
     "cross_modal_p": "probability of intra-class cross-modality augmentation: the audio comes from another "
                      "training video of the same class (paper: used, section 3.6, probability not stated; 0)",
     "train_split": "manifest split trained on (paper: the dataset's train split)",
+    "head_only": "train only the audio bottleneck, the fusion and the classifier on cached visual embeddings "
+                 "(visual.zarr, `imdpipe extract-visual`): an ablation tool, not the paper's end-to-end training "
+                 "(ours; off)",
     "val_split": "split scored (1 centre view) after each epoch to pick checkpoint-best.pt: a split name, "
                  "'auto' (val if present, else test) or 'none' (best = lowest train loss)",
     # optimisation
@@ -120,6 +123,7 @@ class TrainConfig:
     cross_modal_p: float = 0.0
     train_split: str = "train"
     val_split: str = "auto"
+    head_only: bool = False
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.005

@@ -595,13 +595,13 @@ class ClipDataset(Dataset):
         box = random_resized_box(rng, self.H, self.W, clip.crop_scale)
         flip = bool(clip.hflip and rng.random() < 0.5)
         swap = self.cross_modal_p > 0 and rng.random() < self.cross_modal_p
-        out = {"label": self.labels[index], "index": index}
+        t = clip_centre_time(self._small(f"{FRAMES.name}/frame_index")[index], positions, self.fps[index])
+        out = {"label": self.labels[index], "index": index, "clip_time_s": t}
         if "rgb" in self.modalities:
             out["rgb"] = crop_rgb(self._read("rgb", index, positions, box), clip.crop_size, flip)
         if "flow" in self.modalities:
             out["flow"], out["flow_scale"] = crop_flow(self._read("flow", index, positions, box), clip.crop_size, flip)
         if self.read_audio:
-            t = clip_centre_time(self._small(f"{FRAMES.name}/frame_index")[index], positions, self.fps[index])
             donor = index
             if swap:
                 pool = [j for j in self.class_pool[self.labels[index]] if j != index]
@@ -662,14 +662,17 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
     Returns:
         uint8 ``rgb`` (V, t, 3, S, S), quantized ``flow`` (V, t, 2, S, S) with ``flow_scale``
         (V, 2), ``audio`` (V, D), ``has_audio``, ``target`` (V,) and ``window`` (V,) for what was
-        given (turned into model inputs by :func:`prepare_inputs`).
+        given (turned into model inputs by :func:`prepare_inputs`), and each view's clip centre
+        time ``clip_time_s`` (V,).
     """
     T = len(frame_index)
     H, W = (rgb if rgb is not None else flow).shape[1:3] if (rgb is not None or flow is not None) else (0, 0)
     starts = eval_starts(T, clip.num_frames, clip.frame_stride, clips)
     boxes = eval_boxes(H, W, crops) if H else []
     clip_pos = [clip_positions(s, clip.num_frames, clip.frame_stride, T) for s in starts]
-    out: dict = {}
+    per_view = max(len(boxes), 1) if (rgb is not None or flow is not None) else crops
+    times = [clip_centre_time(frame_index, pos, fps) for pos in clip_pos]
+    out: dict = {"clip_time_s": torch.tensor([t for t in times for _ in range(per_view)], dtype=torch.float64)}
     for key, frames in (("rgb", rgb), ("flow", flow)):
         if frames is None:
             continue
@@ -688,11 +691,9 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
         if scales:
             out["flow_scale"] = torch.stack(scales)  # (V, 2)
     if audio is not None:
-        per_clip = max(len(boxes), 1) if (rgb is not None or flow is not None) else crops
         windows = []
-        for pos in clip_pos:
-            windows += [nearest_window(audio["window_start_s"], window_s,
-                                       clip_centre_time(frame_index, pos, fps))] * per_clip
+        for t in times:
+            windows += [nearest_window(audio["window_start_s"], window_s, t)] * per_view
         out["audio"] = torch.from_numpy(np.asarray(audio["embedding"], dtype=np.float32)[windows])
         out["has_audio"] = bool(audio["has_audio"])
         out["window"] = torch.tensor(windows)

@@ -150,6 +150,14 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     ckpt = load_checkpoint(ckpt_path)
     config = TrainConfig.from_dict(ckpt["config"])
     cache = Path(cache)
+    if ckpt.get("streams") is not None:  # a head trained on cached visual embeddings: score the cached views
+        from imdpipe.train.head_only import evaluate_cached
+
+        res, manifest, sel, alpha = evaluate_cached(ckpt, cache, split=split, clips=clips, crops=crops,
+                                                    device=device, console=console)
+        return _write_metrics(res, ckpt, ckpt_path, config, manifest=manifest, sel=sel, alpha=alpha, cache=cache,
+                              split=split, clips=clips, crops=crops, ground_truth=ground_truth, run=run, out=out,
+                              console=console)
     info = open_cache(cache, audio=config.uses_audio, relevance=False)
     problems, notes = compare_provenance(ckpt["provenance"], info.provenance)
     if problems:
@@ -164,7 +172,6 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         raise ValueError(f"no usable videos in split {split!r} of {cache}")
     dev = select_device(device or config.device)
     model = model_from_checkpoint(ckpt, dev)
-    labels = list(ckpt["labels"])
     ds = ClipDataset(info, sel.indices, mode="eval", clip=config.clip, modalities=config.modalities, relevance=False,
                      clips=clips, crops=crops, seed=config.seed)
     loader = DataLoader(ds, batch_size=batch_size or config.eval_batch_size, shuffle=False,
@@ -174,7 +181,15 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         task = progress.add_task(f"evaluate {split} ({clips}x{crops} views)", total=len(ds))
         res = score_views(model, loader, modalities=config.modalities, device=dev, amp=config.amp,
                           flow_bound=info.flow_bound, progress=progress, task=task)
+    return _write_metrics(res, ckpt, ckpt_path, config, manifest=info.manifest, sel=sel,
+                          alpha=model.relevance_threshold, cache=cache, split=split, clips=clips, crops=crops,
+                          ground_truth=ground_truth, run=run, out=out, console=console)
 
+
+def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, *, manifest, sel, alpha: float,
+                   cache: Path, split: str, clips: int, crops: int, ground_truth, run, out, console) -> dict:
+    """metrics.json and the confusion matrix from per-video scores (``score_views``' dict)."""
+    labels = list(ckpt["labels"])
     probs, y = res["probs"], res["labels"]
     pred = probs.argmax(1)
     n_classes = len(labels)
@@ -186,16 +201,16 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         per_class[name] = {"top1": float(100.0 * confusion[c, c] / n) if n else None, "n": n}
     audio_dropped = None
     if res["rev"] is not None:
-        dropped = (res["rev"] < model.relevance_threshold).float()  # (N, V)
+        dropped = (res["rev"] < alpha).float()  # (N, V)
         audio_dropped = {"overall": dropped.mean().item(), "per_class": {
             name: (dropped[y == c].mean().item() if (y == c).any() else None) for c, name in enumerate(labels)}}
     auc, auc_n, gt_path = None, 0, None
     if res["rev"] is not None:
-        gt_path = Path(ground_truth) if ground_truth else find_ground_truth(cache, [info.manifest.records[i].path
+        gt_path = Path(ground_truth) if ground_truth else find_ground_truth(cache, [manifest.records[i].path
                                                                                     for i in sel.indices])
         if gt_path is not None:
             truth = read_ground_truth(gt_path)
-            ids = [info.manifest.records[int(i)].video_id for i in res["indices"]]
+            ids = [manifest.records[int(i)].video_id for i in res["indices"]]
             known = [k for k, vid in enumerate(ids) if vid in truth]
             if known:
                 video_rev = res["rev"].mean(1).numpy()

@@ -196,6 +196,16 @@ def model_from_checkpoint(ckpt: dict, device: torch.device):
     if "flow_scale" in cfg:  # checkpoints written before the name said what it is
         cfg["flow_bound"] = cfg.pop("flow_scale")
     model = build_model(ModelConfig(**cfg))
+    if ckpt.get("streams") is not None:  # a head trained on cached embeddings: put it back on its streams
+        from imdpipe.train.visual_cache import streams_state
+
+        if model.visual is not None:
+            model.visual.load_state_dict(streams_state(ckpt["streams"]["visual_store"])[0])
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if unexpected or any(not k.startswith("visual.") for k in missing):
+            raise ValueError(f"the head-only checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(device).eval()
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

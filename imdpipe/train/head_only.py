@@ -38,6 +38,7 @@ from imdpipe.pipeline.store import StageStore
 from imdpipe.train.config import TrainConfig, save_config
 from imdpipe.train.data import (
     Selection,
+    _check_integrity,
     _store_provenance,
     report_selection,
 )
@@ -114,6 +115,11 @@ class HeadData:
         return replace(self, target=np.asarray(targets.target, dtype=np.float32), relevance=rel, done=done)
 
 
+_REBUILD = {STORE_NAME: "imdpipe extract-visual --cache {cache} --run RUN",
+            AUDIO_STORE: "imdpipe extract-audio --cache {cache}",
+            RELEVANCE_STORE: "imdpipe build-savld --cache {cache}"}
+
+
 def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio: bool = True,
                    relevance: bool = True) -> HeadData:
     """Read visual.zarr (+ audio.zarr, relevance.zarr) of a cache into memory, checking their provenance."""
@@ -137,6 +143,7 @@ def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio
                              f"with --overwrite")
         if store.n_items != len(manifest):
             raise ValueError(f"{path} holds {store.n_items} videos but the manifest has {len(manifest)}")
+        _check_integrity(path, store.group, _REBUILD[name].format(cache=root))
         groups[name] = store.group
         provenance[name] = _store_provenance(store.group)
         done[name] = store.done_mask()

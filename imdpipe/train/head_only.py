@@ -210,11 +210,13 @@ def build_head(model_cfg, device=None):
     return MultimodalActionModel(model_cfg, streams=False).to(device)
 
 
-def head_forward(model, v: torch.Tensor, audio: torch.Tensor | None):
-    """``(logits, rev)`` from visual embeddings ``(B, D)`` and raw audio embeddings ``(B, Da)``."""
+def head_forward(model, v: torch.Tensor, audio: torch.Tensor | None, *, rev_logit: bool = False):
+    """``(logits, rev)`` (``+ rev_logit`` when asked) from visual embeddings ``(B, D)`` and raw audio
+    embeddings ``(B, Da)``."""
     mods = model.config.modalities
     a = model.audio(audio) if model.audio is not None else None
-    return model.forward_head(v if model.config.visual_streams else None, a if "audio" in mods else None)
+    return model.forward_head(v if model.config.visual_streams else None, a if "audio" in mods else None,
+                              rev_logit=rev_logit)
 
 
 def head_model_from_checkpoint(ckpt: dict, device) -> torch.nn.Module:
@@ -319,8 +321,8 @@ def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, de
             v, a, tgt = _batch_inputs(data, idx, vw, dn, data.train_time[idx, vw[:, 0]][:, None], data.train_v,
                                       device, audio=uses_audio, relevance=uses_rel)
             y = labels_all[idx].to(device)
-            logits, rev = head_forward(model, v[:, 0], a[:, 0] if a is not None else None)
-            loss, ce, bce = loss_terms(logits, rev, y, tgt[:, 0] if tgt is not None else None, config)
+            logits, _, rev_logit = head_forward(model, v[:, 0], a[:, 0] if a is not None else None, rev_logit=True)
+            loss, ce, bce = loss_terms(logits, rev_logit, y, tgt[:, 0] if tgt is not None else None, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

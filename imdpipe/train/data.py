@@ -31,7 +31,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset, Sampler
 
-from imdpipe.contract import AST_WINDOW_S, AUDIO, FLOW_BOUND, FRAMES, RELEVANCE, open_stage
+from imdpipe.contract import AST_WINDOW_S, AUDIO, FLOW_BOUND, FRAMES, RELEVANCE, STORES, open_stage
 from imdpipe.pipeline.flow_utils import dequantize, hflip_flow
 from imdpipe.pipeline.manifest import Manifest, read_manifest
 from imdpipe.pipeline.shard_reader import ShardReader
@@ -192,19 +192,27 @@ class Selection:
 
 def select_videos(info: CacheInfo, split: str) -> Selection:
     """Videos of ``split`` usable for this run; failed ones are counted by reason, never dropped silently."""
-    manifest = info.manifest
-    rows = [r for r in manifest.records if r.split == split]
     done = {name: np.asarray(zarr.open_group(path, mode="r")[DONE][:], dtype=bool)
             for name, path in info.stores.items()}
+    return select_by_flags(info.manifest, split, done)
+
+
+_STAGE_OF = {store.name: store.stage for store in STORES}
+
+
+def select_by_flags(manifest: Manifest, split: str, done: dict[str, np.ndarray]) -> Selection:
+    """Videos of ``split`` whose manifest row is ok and that every store in ``done`` (name -> flags) finished."""
     keep, reasons, examples = [], Counter(), []
-    for r in rows:
+    for r in manifest.records:
+        if r.split != split:
+            continue
         why = None
         if not r.ok:
             why = "index failed (manifest status error)"
         else:
             for name, mask in done.items():
                 if not mask[r.index]:
-                    why = f"{info.provenance['stores'][name]['stage']} stage not done ({name})"
+                    why = f"{_STAGE_OF.get(name, name.removesuffix('.zarr'))} stage not done ({name})"
                     break
         if why is None:
             keep.append(r.index)

@@ -24,7 +24,6 @@ visual store (``streams``), so ``evaluate`` scores it on the cached test views a
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from imdpipe.train.data import (
     _check_integrity,
     _store_provenance,
     report_selection,
+    select_by_flags,
 )
 from imdpipe.train.loop import (
     CONFIG_NAME,
@@ -172,22 +172,7 @@ def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio
 
 def select(data: HeadData, split: str, *, stores: tuple[str, ...]) -> Selection:
     """Videos of ``split`` every needed store finished; the others counted by reason."""
-    keep, reasons, examples = [], Counter(), []
-    for r in data.manifest.records:
-        if r.split != split:
-            continue
-        why = None if r.ok else "index failed (manifest status error)"
-        for name in stores if why is None else ():
-            if not data.done[name][r.index]:
-                why = f"{name} has no result"
-                break
-        if why is None:
-            keep.append(r.index)
-        else:
-            reasons[why] += 1
-            if len(examples) < 5:
-                examples.append(f"{r.video_id}: {why}")
-    return Selection(indices=keep, left_out=dict(reasons), examples=examples)
+    return select_by_flags(data.manifest, split, {name: data.done[name] for name in stores})
 
 
 def nearest_windows(starts: np.ndarray, window_s: float, times: np.ndarray) -> np.ndarray:

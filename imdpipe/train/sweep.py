@@ -219,7 +219,9 @@ def run_sweep(*, cache: str | Path, out: str | Path, grid: dict[str, list], conf
 def _stored_relevance(cache: Path) -> dict:
     import zarr
 
-    path = cache / "relevance.zarr"
+    from imdpipe.contract import RELEVANCE
+
+    path = RELEVANCE.path(cache)
     if not path.exists():
         return {}
     attrs = dict(zarr.open_group(path, mode="r").attrs)

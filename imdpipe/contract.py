@@ -51,7 +51,10 @@ SAVLD = Store("savld.zarr", "savld", "imdpipe build-savld",
               per_video=False)  # the last three only with --source data|hybrid
 RELEVANCE = Store("relevance.zarr", "relevance", "imdpipe build-savld", ("target", "overlap_count"))
 #: Every store, in the order the stages build them.
-STORES = (FRAMES, AUDIO, SAVLD, RELEVANCE)
+VISUAL = Store("visual.zarr", "visual", "imdpipe extract-visual",
+               ("test_embedding", "test_clip_time_s", "train_embedding", "train_clip_time_s"))
+
+STORES = (FRAMES, AUDIO, SAVLD, RELEVANCE, VISUAL)
 
 
 def video_path(cache: str | Path, path: str | Path) -> Path:

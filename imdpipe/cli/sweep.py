@@ -41,13 +41,14 @@ def sweep_cmd(
     """Train every cell of an ablation grid head-only (seconds per cell) and write a Table-4-style table
     with the mean and 95% interval over seeds. Head-only numbers are an ablation tool: the paper trains
     end to end."""
+    from imdpipe.contract import VISUAL
     from imdpipe.train.config import TrainConfig, load_config
     from imdpipe.train.sweep import parse_grid, run_sweep
 
     try:
         entries = parse_grid([*grid.split(), *(more or [])])
         if config is None:
-            config = _source_config(Path(visual) if visual else Path(cache) / "visual.zarr")
+            config = _source_config(Path(visual) if visual else VISUAL.path(cache))
         base = load_config(config) if config is not None else TrainConfig()
         overrides = {k: v for k, v in dict(fusion=fusion, epochs=epochs, batch_size=batch_size, lr=lr).items()
                      if v is not None}

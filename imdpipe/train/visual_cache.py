@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imdpipe.contract import FRAMES
+from imdpipe.contract import FRAMES, VISUAL
 from imdpipe.pipeline.store import ArraySpec, Partition, StageStore, Summary, run_stage
 from imdpipe.train.config import ClipSpec, TrainConfig
 from imdpipe.train.data import CacheInfo, ClipDataset, compare_provenance, open_cache, prepare_inputs
@@ -48,8 +48,8 @@ from imdpipe.train.runtime import (
     state_sha256,
 )
 
-STAGE = "visual"
-STORE_NAME = "visual.zarr"
+STAGE = VISUAL.stage
+STORE_NAME = VISUAL.name
 STREAMS_FILE = "streams.pt"
 #: Settings a store is cut with (the streams' size and modalities and their ClipSpec).
 CLIP_FIELDS = ("size", "modalities", *(f.name for f in fields(ClipSpec)))

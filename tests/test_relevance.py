@@ -250,3 +250,28 @@ def test_targets_rebuilt_in_memory_equal_the_store(cache, K, ya, overlap):
     assert mem.target.dtype == np.float32 and mem.savld_sha256 == g.attrs["savld_sha256"]
     with pytest.raises(ValueError, match="Ya"):
         rel.relevance_targets(cache=cache, savld=_hand_savld(), K=K, ya=99)
+
+
+def test_targets_rebuilt_in_memory_honour_short_and_empty_entries(cache):
+    # a data dictionary: guitar's entry holds 2 labels (Guitar, Music), applauding's is empty
+    base = _hand_savld()
+    idx = np.array([[1, 5, -1], [-1, -1, -1]], dtype=np.int32)
+    score = np.where(idx >= 0, 1.0, np.nan).astype(np.float32)
+    savld = Savld(video_labels=base.video_labels, audio_labels=base.audio_labels, similarity=base.similarity,
+                  topk_index=idx, topk_score=score, attrs={"metric": "lift", "k": 3, "source": "data"})
+    rel.build_relevance(cache=cache, savld=savld, K=3, ya=3, overlap="iou", show_progress=False)
+    g = zarr.open_group(cache / "relevance.zarr", mode="r")
+    mem = rel.relevance_targets(cache=cache, savld=savld, K=3, ya=3, overlap="iou", block=3)
+    np.testing.assert_array_equal(mem.target, g["target"][:])
+    np.testing.assert_array_equal(mem.overlap_count, g["overlap_count"][:])
+    for i, (c, status, has, done, tops) in enumerate(VIDEOS):
+        if not (status == "ok" and done and has):
+            assert not mem.target[i].any()
+            continue
+        for w, top in enumerate(tops):
+            entry = [j for j in idx[c] if j >= 0]
+            if not entry:  # an empty entry: nothing is relevant
+                assert mem.target[i, w] == 0
+                continue
+            want, cnt = rel.overlap_score(top, entry, K=len(entry), Ya=3)  # normalised by the entry's size
+            assert mem.target[i, w] == pytest.approx(want) and mem.overlap_count[i, w] == cnt

@@ -264,3 +264,22 @@ def test_relevance_loss_with_logits_equals_bce_of_rev_in_float32():
     assert float(loss) == pytest.approx(float(ce) + 0.7 * float(bce), rel=1e-6)
     _, _, none = loss_terms(logits, None, labels, targets, cfg)
     assert float(none) == 0.0
+
+
+def test_flow_scale_option_reaches_the_flow_stream():
+    """--flow-scale s divides flow by s: flow f with s = 2 equals flow 10 f with s = 20 (same weights)."""
+    from imdpipe.heads import build_model
+
+    small, paper = (TrainConfig(size="tiny", fusion="none", modalities=("flow",), num_frames=2, crop_size=32,
+                                flow_scale=s) for s in (2.0, 20.0))
+    assert paper.to_dict()["flow_scale"] == 20.0 and TrainConfig.from_dict(small.to_dict()).flow_scale == 2.0
+    torch.manual_seed(0)
+    a = build_model(small.model_config(num_classes=3)).eval()
+    b = build_model(paper.model_config(num_classes=3)).eval()
+    b.load_state_dict(a.state_dict())
+    flow = torch.randn(2, 2, 2, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(a(None, flow, None)[0], b(None, 10 * flow, None)[0], atol=1e-5)
+        assert not torch.allclose(a(None, flow, None)[0], b(None, flow, None)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="flow_scale"):
+        TrainConfig(flow_scale=0)

@@ -33,6 +33,8 @@ FIELD_HELP: dict[str, str] = {
     "scheme": "IMD scheme: M masks the audio by delta, W weights it by rev (paper: M)",
     "drop_rate": "dropout in the transformer and fusion MLPs (paper: not stated; 0)",
     "drop_path_rate": "stochastic depth of the transformer blocks (paper: not stated; 0)",
+    "flow_scale": "flow (pixels) is divided by this before the flow stream's patch embedding (default: the "
+                  "cache's flow bound, 20, which maps it to [-1, 1]; paper: not stated)",
     "init_checkpoint": "timm ViT weights (.pth/.safetensors/.npz file) for the visual streams "
                        "(paper: ImageNet ViT; default: random init)",
     # data
@@ -113,6 +115,7 @@ class TrainConfig:
     scheme: str = "M"
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    flow_scale: float | None = None
     init_checkpoint: str | None = None
     # data (the clip: see ClipSpec)
     num_frames: int = ClipSpec.num_frames
@@ -164,6 +167,8 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_epochs", "relevance_weight", "grad_clip", "momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} should be >= 0, got {getattr(self, name)}")
+        if self.flow_scale is not None and self.flow_scale <= 0:
+            raise ValueError(f"flow_scale should be > 0, got {self.flow_scale}")
         if self.num_workers < -1 or self.threads < 0:
             raise ValueError("num_workers should be >= -1 (-1 = auto) and threads >= 0")
         self.model_config(num_classes=1)  # validates size, fusion, modalities, alpha and scheme together
@@ -172,7 +177,8 @@ class TrainConfig:
         """The :class:`imdpipe.heads.ModelConfig` this run trains (``flow_bound``: the cache's)."""
         from imdpipe.heads import ModelConfig
 
-        extra = {} if flow_bound is None else {"flow_bound": flow_bound}
+        divisor = self.flow_scale if self.flow_scale is not None else flow_bound
+        extra = {} if divisor is None else {"flow_bound": divisor}
         return ModelConfig(num_classes=num_classes, size=self.size, fusion=self.fusion,
                            modalities=self.modalities, alpha=self.alpha, scheme=self.scheme,
                            audio_dim=audio_dim, num_frames=self.num_frames, img_size=self.crop_size,

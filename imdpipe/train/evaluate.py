@@ -11,7 +11,9 @@ writes ``ground_truth.csv``), the ROC AUC of rev against it (a video's rev = mea
 * ``per_class``: ``{class: {"top1": percent, "n": videos}}``;
 * ``audio_dropped``: ``{"overall": share, "per_class": {class: share}}`` or null (no IMD);
 * ``relevance_auc``: AUC in [0, 1] or null when unknown; ``relevance_auc_n``: videos used;
-* ``confusion``: counts ``[true][predicted]``; ``checkpoint``, ``epoch``, ``cache``, ``split``.
+* ``confusion``: counts ``[true][predicted]``; ``checkpoint``, ``epoch``, ``cache``, ``split``;
+* ``videos``: per scored video, as columns ``video_id``, ``label`` and ``predicted`` (class
+  indices into ``labels``), e.g. to bootstrap intervals over the test videos.
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, 
         "confusion": confusion.tolist(), "labels": labels, "split": split, "cache": str(cache),
         "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "fusion": config.fusion,
         "modalities": list(config.modalities),
+        "videos": {"video_id": [info.manifest.records[int(i)].video_id for i in res["indices"]],
+                   "label": y.tolist(), "predicted": pred.tolist()},
     }
     out_dir = Path(out) if out else (ckpt_path.parent if Path(run).is_file() else Path(run))
     out_dir.mkdir(parents=True, exist_ok=True)

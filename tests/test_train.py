@@ -283,3 +283,16 @@ def test_flow_scale_option_reaches_the_flow_stream():
         assert not torch.allclose(a(None, flow, None)[0], b(None, flow, None)[0], atol=1e-3)
     with pytest.raises(ValueError, match="flow_scale"):
         TrainConfig(flow_scale=0)
+
+
+def test_patch_size_option_sets_the_token_grid():
+    from imdpipe.heads import build_model
+
+    cfg = TrainConfig(size="tiny", fusion="none", modalities=("rgb", "flow"), num_frames=2, crop_size=32, patch_size=8)
+    model = build_model(cfg.model_config(num_classes=3))
+    for stream in model.visual.streams.values():
+        assert stream.patch_embed.num_patches == 16 and stream.pos_embed.shape[1] == 17  # (32 / 8)^2 + CLS
+    logits, _ = model(torch.randn(2, 2, 3, 32, 32), torch.randn(2, 2, 2, 32, 32))
+    assert logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="multiple of the patch size 12"):
+        TrainConfig(size="tiny", fusion="none", modalities=("rgb",), crop_size=32, patch_size=12)

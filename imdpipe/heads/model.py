@@ -54,7 +54,8 @@ class ModelConfig:
     scheme: str = "M"  # IMD scheme: "M" masks with delta (Eq. 5), "W" always weights by rev
     audio_dim: int = 768  # width of the cached AST embedding
     num_frames: int = 8  # T, frames per clip
-    img_size: int = 224  # H = W of the frames (multiple of 16)
+    img_size: int = 224  # H = W of the frames (multiple of patch_size)
+    patch_size: int = 16  # P, side of the square patches (ViT-B/16: 16)
     fusion_dim: int | None = None  # width of audio bottleneck output and fused embedding (None: visual width)
     hidden_dim: int | None = (
         None  # hidden width of the MLPs of Eqs. 4, 8, 9 and the bottleneck (None: fusion_dim)
@@ -103,9 +104,9 @@ class ModelConfig:
         for name in ("fusion_dim", "hidden_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} should be None or >= 1, got {getattr(self, name)}")
-        if self.img_size < 16 or self.img_size % 16:
+        if self.patch_size < 1 or self.img_size < self.patch_size or self.img_size % self.patch_size:
             raise ValueError(
-                f"img_size should be a positive multiple of the patch size 16, got {self.img_size}"
+                f"img_size should be a positive multiple of the patch size {self.patch_size}, got {self.img_size}"
             )
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -131,6 +132,7 @@ class ModelConfig:
         return VisualConfig(
             **VISUAL_SIZES[self.size],
             img_size=self.img_size,
+            patch_size=self.patch_size,
             num_frames=self.num_frames,
             streams=self.visual_streams or VISUAL_MODALITIES,
             drop_rate=self.drop_rate,

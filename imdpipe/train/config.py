@@ -33,6 +33,8 @@ FIELD_HELP: dict[str, str] = {
     "scheme": "IMD scheme: M masks the audio by delta, W weights it by rev (paper: M)",
     "drop_rate": "dropout in the transformer and fusion MLPs (paper: not stated; 0)",
     "drop_path_rate": "stochastic depth of the transformer blocks (paper: not stated; 0)",
+    "patch_size": "side of the square patches of both visual streams; crop_size must be a multiple of it "
+                  "(paper: 16, ViT-B/16; ImageNet init needs 16)",
     "flow_scale": "flow (pixels) is divided by this before the flow stream's patch embedding (default: the "
                   "cache's flow bound, 20, which maps it to [-1, 1]; paper: not stated)",
     "init_checkpoint": "timm ViT weights (.pth/.safetensors/.npz file) for the visual streams "
@@ -116,6 +118,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     flow_scale: float | None = None
+    patch_size: int = 16
     init_checkpoint: str | None = None
     # data (the clip: see ClipSpec)
     num_frames: int = ClipSpec.num_frames
@@ -182,7 +185,8 @@ class TrainConfig:
         return ModelConfig(num_classes=num_classes, size=self.size, fusion=self.fusion,
                            modalities=self.modalities, alpha=self.alpha, scheme=self.scheme,
                            audio_dim=audio_dim, num_frames=self.num_frames, img_size=self.crop_size,
-                           drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate, **extra)
+                           drop_rate=self.drop_rate, drop_path_rate=self.drop_path_rate,
+                           patch_size=self.patch_size, **extra)
 
     @property
     def clip(self) -> ClipSpec:

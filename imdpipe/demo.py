@@ -421,11 +421,16 @@ def reading(results: list[dict], evaluations: dict[str, list[dict]]) -> str:
         return ""
     first = next(iter(evaluations.values()))
     n_videos, n_seeds = len(first[0]["videos"]["video_id"]), len(first)
-    lines = [f"Top-1 is the mean over {n_seeds} training seed(s) of the accuracy on {n_videos} test videos "
-             f"(3 crops x 4 clips each); one video is {100 / n_videos:.1f} points. The intervals are 95% "
-             f"percentile intervals of a bootstrap that resamples the test videos and the training seeds; "
-             f"a difference is supported when the interval of the paired difference (the same resampled "
-             f"videos and seeds for both rows) excludes 0."]
+    if n_seeds > 1:
+        what = (f"Top-1 is the mean over {n_seeds} training seeds of the accuracy on {n_videos} test videos "
+                "(3 crops x 4 clips each). The intervals are 95% percentile intervals of a bootstrap that "
+                "resamples the test videos and the training seeds")
+    else:
+        what = (f"Top-1 is the accuracy on {n_videos} test videos (3 crops x 4 clips each) of one training run "
+                "per row. The intervals are 95% percentile intervals of a bootstrap over the test videos; with "
+                "one training seed they leave out the spread between training seeds")
+    lines = [f"{what}; one video is {100 / n_videos:.1f} points. A difference is supported when the interval "
+             "of the paired difference (the same resampled videos and seeds for both rows) excludes 0."]
     for r in results:
         d = r["vs_baseline"]
         if d is None:
@@ -443,12 +448,12 @@ def reading(results: list[dict], evaluations: dict[str, list[dict]]) -> str:
     imd, base = by_name.get("IMD"), by_name.get(BASELINE)
     if imd is not None and base is not None and imd["vs_baseline"]["ci95"][0] <= 0:
         lines.append(
-            f"IMD does not beat {BASELINE} here. On this data a video's audio is either its class's own sound or "
-            "a sound of another class (or none), and the visual family already tells which classes could carry "
-            "which sound, so the classifier on [v; a] learns to discount audio that vision contradicts; what "
-            "IMD adds, masking audio the relevance network scores below alpha, is then mostly done already, "
-            "and a relevant clip whose rev falls below alpha loses the only cue that separates the two "
-            f"classes of a visual pair (IMD masked the audio of {_pct(imd['audio_dropped'])}% of the test views).")
+            f"IMD does not beat {BASELINE} here. The likely reason (a reading of the design, not a measurement): "
+            "a video's audio is either its class's own sound or another class's sound (or none), and vision "
+            "already tells which classes could carry which sound, so a classifier on [v; a] can learn to "
+            "discount audio that vision contradicts, which is what IMD's mask does by design; and a relevant "
+            "clip whose rev falls below alpha loses the only cue that separates the two classes of a visual "
+            f"pair (IMD masked the audio of {_pct(imd['audio_dropped'])}% of the test views).")
     return "\n".join(lines)
 
 

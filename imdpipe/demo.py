@@ -81,8 +81,8 @@ class DemoSettings:
     * 64-px crops of 4 frames 2 positions apart (the same 0.6 s as 8 consecutive positions):
       a quarter of the tokens of 112-px 8-frame clips, so 4x the steps in the same time;
     * batch 8 and 24 epochs, 384 steps instead of 72: a ViT from scratch needs steps more than
-      anything (at 72 steps, 112 px, it stayed at 40% train top-1; its top-1 still rises at 384,
-      but more steps do not fit the demo's ~7 minutes on 2 cores);
+      anything (at 72 steps, 112 px, it stayed at 40% train top-1; at 288 steps, 64 px, it was
+      at 52% and still rising, but more steps do not fit the demo's ~7 minutes on 2 cores);
     * crops of 50-100% of the frame instead of 25-100% (a quarter crop can lose the moving shape);
     * flow divided by 2 instead of 20: the demo's flow has a standard deviation of 1.8 px, so /20
       fed the flow stream inputs ~0.09 wide beside unit-scale normalized RGB;

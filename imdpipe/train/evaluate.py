@@ -227,7 +227,7 @@ def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, 
         "confusion": confusion.tolist(), "labels": labels, "split": split, "cache": str(cache),
         "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "fusion": config.fusion,
         "modalities": list(config.modalities),
-        "videos": {"video_id": [info.manifest.records[int(i)].video_id for i in res["indices"]],
+        "videos": {"video_id": [manifest.records[int(i)].video_id for i in res["indices"]],
                    "label": y.tolist(), "predicted": pred.tolist()},
     }
     out_dir = Path(out) if out else (ckpt_path.parent if Path(run).is_file() else Path(run))

@@ -21,11 +21,17 @@ def index_cmd(
     splits: Annotated[Path | None, typer.Option(
         "--splits", help="Folder with UCF-101 trainlist0N/testlist0N.txt (+ classInd.txt) or HMDB51 "
                          "<class>_test_splitN.txt files. Videos they do not use get split 'unused'. "
-                         "Without it (and without --annotations) every video gets split 'all'.")] = None,
+                         "Without it (and without --annotations or --split-fractions) every video gets split "
+                         "'all'.")] = None,
     split_id: Annotated[int, typer.Option("--split-id", min=1, max=3,
                                           help="Official split number, 1-3 (the paper trains and evaluates on "
                                                "UCF-101's train/validation splits without naming one; split 1 is "
                                                "the usual choice).")] = 1,
+    split_fractions: Annotated[str | None, typer.Option(
+        "--split-fractions", help="For class folders without split files: draw splits train,val,test with these "
+                                  "shares, e.g. 0.8,0.1,0.1, per class (stratified) and seeded; recorded in "
+                                  "manifest.csv (ours: the paper uses the official splits).")] = None,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the --split-fractions draw.")] = 0,
     labels: Annotated[str | None, typer.Option(
         "--labels", help="Label order: a built-in set (kinetics400, ucf101, hmdb51) or a text file with "
                          "one class a line. Default: classInd.txt, else the built-in set of the layout, "
@@ -49,7 +55,8 @@ def index_cmd(
     console = Console(stderr=True)
     with cli_errors():
         manifest, summary = run_index(cache=cache, root=root, annotations=annotations or None, splits=splits,
-                                      split_id=split_id, labels=labels, workers=workers, overwrite=overwrite,
+                                      split_id=split_id, split_fractions=split_fractions,
+                                      split_seed=split_seed, labels=labels, workers=workers, overwrite=overwrite,
                                       console=console, show_progress=not quiet)
     print_index_summary(manifest, summary, console)
     if strict and summary.failed:

@@ -7,7 +7,7 @@ Pure model code: no I/O, no CLI, no device choice. Entry points::
     logits, rev = model(rgb, flow, audio)
 """
 
-from .names import FUSIONS, MODALITIES, SIZES
+from .names import FUSIONS, MODALITIES, PAPER_INIT, SIZES
 
 # Everything else pulls in torch and timm, so it is imported on first use: `imdpipe --help` and
 # the config code only need the names above.
@@ -15,7 +15,7 @@ _LAZY = {
     "AudioBottleneck": "audio",
     "FUSION_LAYERS": "fusion", "IMDFusion": "fusion", "IrrelevantModalityDropout": "fusion",
     "RelevanceNetwork": "fusion", "build_fusion": "fusion", "irrelevant_modality_dropout": "fusion",
-    "ModelConfig": "model", "MultimodalActionModel": "model", "build_model": "model",
+    "ModelConfig": "model", "MultimodalActionModel": "model", "build_model": "model", "init_model": "model",
     "FactorizedBlock": "visual", "SpatialBlock": "visual", "TwoStreamTransformer": "visual",
     "VisualConfig": "visual", "VisualTransformer": "visual", "build_two_stream": "visual",
     "load_vit_checkpoint": "visual", "visual_config": "visual",
@@ -34,6 +34,7 @@ __all__ = [
     "FUSIONS",
     "FUSION_LAYERS",
     "MODALITIES",
+    "PAPER_INIT",
     "SIZES",
     "AudioBottleneck",
     "FactorizedBlock",
@@ -49,6 +50,7 @@ __all__ = [
     "build_fusion",
     "build_model",
     "build_two_stream",
+    "init_model",
     "irrelevant_modality_dropout",
     "load_vit_checkpoint",
     "visual_config",

@@ -16,27 +16,31 @@ streams, ``"audio-only"`` only audio, every other fusion audio plus at least one
 
 Everything is built from one serializable :class:`ModelConfig`; ``dataclasses.asdict(cfg)``
 round-trips through ``ModelConfig(**d)`` (lists from YAML are accepted for tuples). Pretrained
-ViT weights are loaded by :func:`build_model`, never in ``__init__``.
+weights (an ImageNet ViT, or a trained imdpipe model) are loaded by :func:`build_model` /
+:func:`init_model`, never in ``__init__``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Mlp
+import torch.nn.functional as F
+from timm.layers import Mlp, resample_abs_pos_embed
 from torch import nn
 
 from imdpipe.contract import FLOW_BOUND
 
 from .audio import AudioBottleneck
 from .fusion import SCHEMES, IMDFusion, build_fusion
-from .visual import VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint
+from .visual import VISUAL_SIZES, TwoStreamTransformer, VisualConfig, load_vit_checkpoint, load_vit_weights
 
-__all__ = ["FUSIONS", "MODALITIES", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model"]
+__all__ = ["FUSIONS", "MODALITIES", "PAPER_INIT", "SIZES", "ModelConfig", "MultimodalActionModel", "build_model",
+           "init_model"]
 
-from .names import FUSIONS, MODALITIES, SIZES  # noqa: E402  (torch-free, for the CLI)
+from .names import FUSIONS, MODALITIES, PAPER_INIT, SIZES  # noqa: E402  (torch-free, for the CLI)
 
 assert SIZES == tuple(VISUAL_SIZES), "heads/names.py SIZES must list visual.VISUAL_SIZES"
 VISUAL_MODALITIES = ("rgb", "flow")
@@ -61,6 +65,7 @@ class ModelConfig:
         None  # hidden width of the MLPs of Eqs. 4, 8, 9 and the bottleneck (None: fusion_dim)
     )
     drop_rate: float = 0.0  # dropout in the transformer projections and the fusion/head MLPs
+    head_drop_rate: float = 0.0  # dropout on LN(z), the classifier's input (TimeSformer's recipe: 0.5)
     attn_drop_rate: float = 0.0  # dropout on attention weights
     drop_path_rate: float = 0.0  # stochastic depth of the transformer blocks
     flow_bound: float = FLOW_BOUND  # the cache's flow quantization bound: flow pixels are divided by it
@@ -108,7 +113,7 @@ class ModelConfig:
             raise ValueError(
                 f"img_size should be a positive multiple of the patch size {self.patch_size}, got {self.img_size}"
             )
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "head_drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} should be in [0, 1), got {getattr(self, name)}")
         if self.flow_bound <= 0:
@@ -177,6 +182,7 @@ class MultimodalActionModel(nn.Module):
         self.fusion = build_fusion(cfg.fusion, visual_dim, fusion_dim, fusion_dim, **dd,
                                    **_fusion_options(cfg, hidden_dim))
         self.head_norm = nn.LayerNorm(self.fusion.out_dim, **dd)  # Eq. 9
+        self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head = Mlp(self.fusion.out_dim, hidden_dim, cfg.num_classes, drop=cfg.drop_rate, **dd)
 
     @property
@@ -226,7 +232,7 @@ class MultimodalActionModel(nn.Module):
             z, rev, logit = self.fusion.forward_with_logit(v, a)
         else:
             (z, rev), logit = self.fusion(v, a), None
-        logits = self.head(self.head_norm(z))
+        logits = self.head(self.head_drop(self.head_norm(z)))
         return (logits, rev, logit) if rev_logit else (logits, rev)
 
     def forward(
@@ -247,19 +253,145 @@ def build_model(
     device=None,
     dtype=None,
 ) -> MultimodalActionModel:
-    """Build the model; initialize its visual streams from an ImageNet ViT when asked.
+    """Build the model; initialize it from pretrained weights when asked (see :func:`init_model`).
 
     Args:
         cfg: The model configuration.
-        init_checkpoint: A local timm ViT ``.pth``/``.safetensors``/``.npz`` file, a timm model name
-            (needs the hub), or None to keep the random init. The checkpoint's widths and depth
-            must match ``cfg.size`` (see ``imdpipe.heads.visual`` for the matching ViTs).
+        init_checkpoint: What :func:`init_model` takes (a timm ViT file or name, or an imdpipe
+            checkpoint file), or None to keep the random init. What was loaded is left in
+            ``model.init_report``.
         device: Device for the parameters (e.g. ``"meta"`` to count without allocating).
         dtype: Parameter dtype.
     """
     model = MultimodalActionModel(cfg, device=device, dtype=dtype)
-    if init_checkpoint is not None:
-        if model.visual is None:
-            raise ValueError(f"init_checkpoint needs a visual modality, got modalities {cfg.modalities}")
-        load_vit_checkpoint(model.visual, init_checkpoint)
+    model.init_report = init_model(model, init_checkpoint) if init_checkpoint is not None else None
     return model
+
+
+def init_model(model: MultimodalActionModel, checkpoint: str | os.PathLike) -> dict:
+    """Load pretrained weights into a freshly built model; returns what was loaded.
+
+    ``checkpoint`` is one of:
+
+    * an ImageNet ViT: a timm pretrained name (``vit_base_patch16_224.augreg_in21k``, loaded by
+      timm from its hub cache) or a local timm ``.pth``/``.safetensors``/``.npz`` file. Both
+      visual streams start from it as TimeSformer starts from a ViT (see
+      ``imdpipe.heads.visual.convert_vit_state_dict``); everything else keeps its fresh init.
+    * an imdpipe checkpoint file (``checkpoint-*.pt`` of a run, e.g. trained on Kinetics-400):
+      both visual streams and their fusion layers are loaded (a different clip length or crop
+      size resamples the time and position embeddings); the audio bottleneck and the fusion
+      are loaded when their shapes match; the classifier (``head_norm``, ``head``) is always
+      new, so the label set may differ.
+
+    Returns:
+        ``{"source", "kind" ("timm" or "imdpipe"), "file", "sha256" (of the file), "loaded"
+        (model parts), "new" (parts left at their fresh init), "notes"}``.
+    """
+    source = os.fspath(checkpoint)
+    if model.visual is None:
+        raise ValueError(f"init_checkpoint needs a visual modality, got modalities {model.config.modalities}")
+    ckpt = _imdpipe_checkpoint(source)
+    if ckpt is not None:
+        loaded, notes = _load_imdpipe_weights(model, ckpt, source)
+        kind, file = "imdpipe", source
+    else:
+        vit, file = load_vit_weights(source)
+        load_vit_checkpoint(model.visual, vit)
+        loaded = [f"visual.streams.{name}" for name in model.visual.streams]
+        kind, notes = "timm", []
+    new = sorted({_part(k) for k in model.state_dict()} - set(loaded))
+    return {"source": source, "kind": kind, "file": file, "sha256": file_sha256(file) if file else None,
+            "loaded": loaded, "new": new, "notes": notes}
+
+
+def _part(key: str) -> str:
+    """The model part a state-dict key belongs to: ``visual.streams.rgb``, ``visual.fuse``, ``audio``,
+    ``fusion``, ``head_norm`` or ``head``."""
+    parts = key.split(".")
+    return ".".join(parts[:3] if key.startswith("visual.streams.") else parts[:2] if parts[0] == "visual"
+                    else parts[:1])
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _imdpipe_checkpoint(path: str) -> dict | None:
+    """The checkpoint dict when ``path`` is a file written by imdpipe's trainer, else None."""
+    if not (os.path.isfile(path) and path.lower().endswith((".pt", ".pth", ".bin"))):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "model" in obj and "model_config" in obj:
+        return obj
+    return None
+
+
+def _load_imdpipe_weights(model: MultimodalActionModel, ckpt: dict, source: str):
+    """Copy a trained imdpipe model's streams (and matching audio/fusion parts) into ``model``."""
+    src_cfg = ModelConfig(**ckpt["model_config"])
+    cfg = model.config
+    if src_cfg.size != cfg.size:
+        raise ValueError(f"{source} holds a {src_cfg.size!r} model; this run builds {cfg.size!r} "
+                         f"(pass --size {src_cfg.size} or another checkpoint)")
+    src = ckpt["model"]
+    target = model.state_dict()
+    out = dict(target)
+    loaded, notes = [], []
+    for name, stream in model.visual.streams.items():
+        prefix = f"visual.streams.{name}."
+        part = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
+        if not part:
+            raise ValueError(f"{source} has no {name} stream (it was trained on {list(src_cfg.modalities)}); "
+                             f"initialize from a run that used {name}, or from an ImageNet ViT")
+        for key, value in _fit_stream(part, stream, notes, name).items():
+            out[prefix + key] = value
+        loaded.append(prefix[:-1])
+
+    def take_if_same(prefix: str) -> None:
+        mine = {k: v for k, v in target.items() if k.startswith(prefix)}
+        theirs = {k: v for k, v in src.items() if k.startswith(prefix)}
+        if mine and set(mine) == set(theirs) and all(mine[k].shape == theirs[k].shape for k in mine):
+            out.update(theirs)
+            loaded.append(prefix[:-1])
+        elif mine:
+            notes.append(f"{prefix[:-1]} not loaded (its shapes differ in {source})")
+
+    take_if_same("visual.fuse.")
+    if src_cfg.fusion == cfg.fusion:
+        take_if_same("audio.")
+        take_if_same("fusion.")
+    elif any(k.startswith(("audio.", "fusion.")) for k in target):
+        notes.append(f"audio bottleneck and fusion not loaded ({source} used fusion {src_cfg.fusion!r}, "
+                     f"this run {cfg.fusion!r})")
+    model.load_state_dict(out, strict=True)
+    return loaded, notes
+
+
+def _fit_stream(part: dict, stream, notes: list[str], name: str) -> dict:
+    """A trained stream's weights for ``stream``: position / time embeddings resampled when the
+    crop size or clip length differ, every other tensor of the same shape."""
+    target = stream.state_dict()
+    fitted = {}
+    for key, want in target.items():
+        if key not in part:
+            raise ValueError(f"the checkpoint's {name} stream lacks {key!r}")
+        value = part[key]
+        if key == "pos_embed" and value.shape != want.shape:
+            value = resample_abs_pos_embed(value, new_size=list(stream.cfg.grid_size), num_prefix_tokens=1)
+            notes.append(f"{name} position embedding resampled to a {stream.cfg.grid_size} patch grid")
+        elif key == "time_embed" and value.shape != want.shape:  # (1, T, D): linear in time
+            value = F.interpolate(value.transpose(1, 2), size=want.shape[1], mode="linear",
+                                  align_corners=True).transpose(1, 2)
+            notes.append(f"{name} time embedding interpolated from {part[key].shape[1]} to {want.shape[1]} frames")
+        if value.shape != want.shape:
+            raise ValueError(f"the checkpoint's {name} stream has {key!r} of shape {tuple(value.shape)}, "
+                             f"this model needs {tuple(want.shape)}")
+        fitted[key] = value
+    return fitted

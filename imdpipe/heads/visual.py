@@ -100,6 +100,7 @@ __all__ = [
     "convert_vit_state_dict",
     "large",
     "load_vit_checkpoint",
+    "load_vit_weights",
     "small",
     "tiny",
     "visual_config",
@@ -474,21 +475,65 @@ def _npz_vit_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def vit_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A timm-named ViT state dict from a local ``.pth``/``.safetensors``/``.npz`` or a timm name.
+    """A timm-named ViT state dict from a local ``.pth``/``.safetensors``/``.npz`` or a timm name."""
+    return load_vit_weights(checkpoint)[0]
 
-    A string that is not an existing file and has no checkpoint suffix is taken as a timm model
-    name and created with ``pretrained=True`` (needs the hub or timm's cache).
+
+def load_vit_weights(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A timm-named ViT state dict and the file it came from.
+
+    ``checkpoint`` is a local ``.pth``/``.safetensors``/``.npz`` file, or a timm pretrained name
+    such as ``vit_base_patch16_224.augreg_in21k`` loaded by ``timm.create_model(name,
+    pretrained=True)``: from timm's Hugging Face hub cache (offline) or the hub (online). The
+    file is None when timm loaded weights from somewhere that cannot be located afterwards.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a timm name whose weights are neither
+            cached nor downloadable (the message says how to pass a local file instead).
+        ValueError: a string that is neither a file nor a timm model name.
     """
     path = os.fspath(checkpoint)
     if os.path.isfile(path):
         if path.lower().endswith(".npz"):
-            return _npz_vit_state_dict(path)
-        return load_state_dict(path)  # timm: .safetensors or torch pickle, unwraps 'state_dict'/'model'
-    if path.lower().endswith(_CHECKPOINT_SUFFIXES) or os.path.isdir(path):
+            return _npz_vit_state_dict(path), path
+        return load_state_dict(path), path  # timm: .safetensors or torch pickle, unwraps 'state_dict'/'model'
+    if path.lower().endswith(_CHECKPOINT_SUFFIXES) or os.path.isdir(path) or os.sep in path:
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     import timm
 
-    return timm.create_model(path, pretrained=True, num_classes=0).state_dict()
+    if not timm.is_model(path):
+        raise ValueError(
+            f"init checkpoint {path!r} is not a file and not a timm model name (for example "
+            f"'vit_base_patch16_224.augreg_in21k'); pass a timm name or a local .pth/.safetensors/.npz file"
+        )
+    try:
+        vit = timm.create_model(path, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001 - hub errors differ by version and transport; all mean "not here"
+        raise FileNotFoundError(
+            f"--init-checkpoint {path}: timm could not load these pretrained weights ({type(e).__name__}); "
+            f"offline they must already be in the Hugging Face hub cache. Download them once on a machine "
+            f"with network (python -c \"import timm; timm.create_model('{path}', pretrained=True)\") and copy "
+            f"the hub cache (~/.cache/huggingface/hub), or pass a local file: --init-checkpoint "
+            f"/path/to/{path}.safetensors (a timm ViT state dict: .safetensors, .pth or .npz)."
+        ) from None
+    return vit.state_dict(), _timm_cached_file(vit)
+
+
+def _timm_cached_file(vit: nn.Module) -> str | None:
+    """The local file timm read a model's pretrained weights from (overlay file or hub cache)."""
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return str(cfg["file"])
+    hub_id = cfg.get("hf_hub_id")
+    if not hub_id:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def convert_vit_state_dict(

@@ -3,7 +3,9 @@
 Three source layouts (all may be combined with ``--labels``):
 
 * class folders ``ROOT/<class>/<video>`` (UCF-101 / HMDB51 raw layout); every video gets split
-  ``all`` unless split files are given;
+  ``all`` unless split files are given, or ``train`` / ``val`` / ``test`` drawn per class with
+  ``split_fractions`` (seeded, stratified by class: :mod:`imdpipe.pipeline.splits`; the rule is
+  recorded in the manifest's ``# split_fractions=...`` lines);
 * class folders plus split files (``splits=DIR``): UCF-101 ``trainlist0N.txt`` / ``testlist0N.txt``
   (and ``classInd.txt``) or HMDB51 ``<class>_test_splitN.txt``; split values ``train`` / ``test``,
   and ``unused`` for videos on disk that the split files do not use (HMDB51 code 0 or not listed);
@@ -376,17 +378,34 @@ def _collect(root: Path, annotations, splits, split_id) -> tuple[list[_Entry], s
 
 
 def build_index(*, cache: str | Path, root: str | Path, annotations=None, splits: str | Path | None = None,
-                split_id: int = 1, labels: str | Path | None = None, workers: int = 0, overwrite: bool = False,
-                console=None, show_progress: bool = True) -> Manifest:
+                split_id: int = 1, split_fractions=None, split_seed: int = 0, labels: str | Path | None = None,
+                workers: int = 0, overwrite: bool = False, console=None, show_progress: bool = True) -> Manifest:
     """Build ``manifest.csv`` and ``labels.txt``; see :func:`run_index` for the arguments."""
     return run_index(cache=cache, root=root, annotations=annotations, splits=splits, split_id=split_id,
-                     labels=labels, workers=workers, overwrite=overwrite, console=console,
-                     show_progress=show_progress)[0]
+                     split_fractions=split_fractions, split_seed=split_seed, labels=labels, workers=workers,
+                     overwrite=overwrite, console=console, show_progress=show_progress)[0]
+
+
+#: The splits ``split_fractions`` draws, in the order of the fractions.
+FRACTION_SPLITS = ("train", "val", "test")
+
+
+def draw_splits(entries: list[_Entry], fractions, seed: int) -> dict[str, str]:
+    """Give every entry a split from ``fractions`` (train, val, test), per class; returns the manifest meta."""
+    from imdpipe.pipeline.splits import parse_fractions, stratified_split
+
+    fractions = parse_fractions(fractions, count=len(FRACTION_SPLITS))
+    groups = stratified_split([e.video_id for e in entries], [e.label_name for e in entries], fractions, seed)
+    for e, g in zip(entries, groups):
+        e.split = FRACTION_SPLITS[g]
+    return {"split_fractions": ",".join(f"{f:g}" for f in fractions), "split_names": ",".join(FRACTION_SPLITS),
+            "split_seed": str(int(seed)), "split_stratified_by": "class"}
 
 
 def run_index(*, cache: str | Path, root: str | Path, annotations=None, splits: str | Path | None = None,
-              split_id: int = 1, labels: str | Path | None = None, workers: int = 0, overwrite: bool = False,
-              console=None, show_progress: bool = True) -> tuple[Manifest, IndexSummary]:
+              split_id: int = 1, split_fractions=None, split_seed: int = 0, labels: str | Path | None = None,
+              workers: int = 0, overwrite: bool = False, console=None,
+              show_progress: bool = True) -> tuple[Manifest, IndexSummary]:
     """Build ``manifest.csv`` and ``labels.txt`` in ``cache`` from the videos under ``root``.
 
     Args:
@@ -395,6 +414,9 @@ def run_index(*, cache: str | Path, root: str | Path, annotations=None, splits: 
         annotations: one or more Kinetics annotation CSVs (switches to Kinetics mode).
         splits: folder holding UCF-101 or HMDB51 split files.
         split_id: which official split (1-3).
+        split_fractions: for class folders without split files: ``"0.8,0.1,0.1"`` (or 3 numbers),
+            the shares of train / val / test drawn per class (a fraction may be 0).
+        split_seed: seed of that draw.
         labels: a built-in label set name, a file with one class a line, or None: classInd.txt order,
             else the built-in set of the layout (kinetics400, ucf101, hmdb51) when every class is in
             it (kept in its order), else class names sorted.
@@ -414,7 +436,11 @@ def run_index(*, cache: str | Path, root: str | Path, annotations=None, splits: 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     cache, root = Path(cache), Path(root)
+    if split_fractions is not None and (annotations or splits is not None):
+        raise DatasetLayoutError("--split-fractions draws splits for class folders without split information; "
+                                 "it cannot be combined with --splits or --annotations (they bring their own)")
     entries, layout, class_ind = _collect(root, annotations, splits, split_id)
+    meta = draw_splits(entries, split_fractions, split_seed) if split_fractions is not None else {}
     if layout is None:
         layout = next((s for s in ("ucf101", "hmdb51", "kinetics400")
                        if {e.label_name for e in entries} <= set(label_set(s))), None)
@@ -452,11 +478,11 @@ def run_index(*, cache: str | Path, root: str | Path, annotations=None, splits: 
         records.append(rec)
 
     target = cache / MANIFEST_NAME
-    if target.is_file() and not overwrite and target.read_bytes() != manifest_bytes(records):
+    if target.is_file() and not overwrite and target.read_bytes() != manifest_bytes(records, meta):
         raise FileExistsError(f"{target} exists and differs from the new index (videos, labels or probe "
                               f"results changed); stores built on it would no longer match. Pass "
                               f"--overwrite to replace it, or use another --cache.")
-    manifest = write_manifest(cache, records, names)
+    manifest = write_manifest(cache, records, names, meta)
 
     summary = IndexSummary(seconds=time.perf_counter() - t0)
     counts: Counter = Counter()

@@ -2,6 +2,10 @@
 
 Every stage store is indexed by the manifest's ``index`` column (the row number), and records
 the manifest's SHA-256 so a store built for one manifest is never mixed with another.
+
+When the index stage drew the splits itself (``--split-fractions``), the rule is recorded in
+``# key=value`` lines above the CSV header (``pandas.read_csv(path, comment="#")`` skips them);
+:attr:`Manifest.meta` holds them.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from imdpipe.contract import LABELS_NAME, MANIFEST_NAME
@@ -65,6 +69,7 @@ class Manifest:
     labels: list[str]
     sha256: str
     cache_dir: Path
+    meta: dict[str, str] = field(default_factory=dict)  # the "# key=value" lines above the header
 
     def __len__(self) -> int:
         return len(self.records)
@@ -78,8 +83,12 @@ class Manifest:
         return [r.path for r in self.records]
 
 
-def manifest_bytes(records: list[VideoRecord]) -> bytes:
+def manifest_bytes(records: list[VideoRecord], meta: dict[str, str] | None = None) -> bytes:
     buf = io.StringIO()
+    for key, value in (meta or {}).items():
+        if "=" in key or "\n" in key + value:
+            raise ValueError(f"manifest meta {key!r}={value!r} may hold neither '=' in the key nor newlines")
+        buf.write(f"# {key}={value}\n")
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for rec in records:
@@ -91,18 +100,20 @@ def manifest_bytes(records: list[VideoRecord]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def write_manifest(cache_dir: str | Path, records: list[VideoRecord], labels: list[str]) -> Manifest:
-    """Write ``manifest.csv`` and ``labels.txt`` atomically (write, then rename)."""
+def write_manifest(cache_dir: str | Path, records: list[VideoRecord], labels: list[str],
+                   meta: dict[str, str] | None = None) -> Manifest:
+    """Write ``manifest.csv`` (with ``meta`` as ``# key=value`` lines on top) and ``labels.txt``
+    atomically (write, then rename)."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(records):
         if rec.index != i:
             raise ValueError(f"manifest records must be in index order: row {i} has index {rec.index}")
-    data = manifest_bytes(records)
+    data = manifest_bytes(records, meta)
     _atomic_write(cache_dir / MANIFEST_NAME, data)
     _atomic_write(cache_dir / LABELS_NAME, ("\n".join(labels) + "\n").encode("utf-8"))
     return Manifest(records=records, labels=list(labels), sha256=hashlib.sha256(data).hexdigest(),
-                    cache_dir=cache_dir)
+                    cache_dir=cache_dir, meta=dict(meta or {}))
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest:
@@ -114,7 +125,12 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
             f"{path} does not exist: run `imdpipe index --cache {cache_dir} ...` first to build the manifest."
         )
     data = path.read_bytes()
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8")))
+    lines = data.decode("utf-8").splitlines(keepends=True)
+    meta = {}
+    while lines and lines[0].startswith("#"):
+        key, _, value = lines.pop(0)[1:].strip().partition("=")
+        meta[key.strip()] = value.strip()
+    reader = csv.DictReader(io.StringIO("".join(lines)))
     missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; rebuild it with `imdpipe index`.")
@@ -124,7 +140,7 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         raise FileNotFoundError(f"{labels_path} does not exist: rebuild the cache with `imdpipe index`.")
     labels = [line for line in labels_path.read_text(encoding="utf-8").splitlines() if line]
     return Manifest(records=records, labels=labels, sha256=hashlib.sha256(data).hexdigest(),
-                    cache_dir=cache_dir)
+                    cache_dir=cache_dir, meta=meta)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -43,7 +43,9 @@ clean:
 DATA ?=
 CACHE ?=
 SIZE ?= base
-RUN ?= $(CACHE)/runs/imd-$(SIZE)
+FUSION ?= imd
+CROSS_MODAL_P ?= 0.5
+RUN ?= $(CACHE)/runs/$(FUSION)-$(SIZE)
 GPUS ?= 1
 SPLIT ?= 1
 RECIPE ?= paper
@@ -56,6 +58,8 @@ INIT_large := vit_large_patch16_224.augreg_in21k
 INIT ?= $(INIT_$(SIZE))
 K400_ANNOTATIONS ?= $(DATA)/annotations/train.csv $(DATA)/annotations/validate.csv
 K400_EVAL_SPLIT ?= val
+K400_LABELS ?= kinetics400
+TRAIN_OPTS ?=
 IMDPIPE := $(VENV)/bin/imdpipe
 ifeq ($(GPUS),1)
 TRAIN := $(IMDPIPE) train
@@ -65,8 +69,8 @@ TRAIN := $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m imdpipe t
 STAGE_LAUNCH := $(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m imdpipe
 endif
 INIT_OPT := $(if $(filter none,$(INIT)),--from-scratch,--init-checkpoint $(INIT))
-PAPER_TRAIN := --size $(SIZE) --recipe $(RECIPE) --fusion imd --alpha 0.25 --scheme M --batch-size 64 \
-	--epochs 15 --cross-modal-p 0.5 $(INIT_OPT)
+PAPER_TRAIN := --size $(SIZE) --recipe $(RECIPE) --fusion $(FUSION) --alpha 0.25 --scheme M --batch-size 64 \
+	--epochs 15 --cross-modal-p $(CROSS_MODAL_P) $(INIT_OPT) $(TRAIN_OPTS)
 SAVLD_OPTS := --k 10 --relevance-k 10 --ya 20 --overlap iou --metric cosine --plot $(if $(TEXT_MODEL),--text-model $(TEXT_MODEL))
 
 .PHONY: k400 ucf101 hmdb51 _stages _check_paths _preflight
@@ -85,7 +89,7 @@ _stages:
 	$(IMDPIPE) evaluate --run-dir $(RUN) --cache $(CACHE) --split $(EVAL_SPLIT)
 
 k400: setup _check_paths _preflight  ## DATA=videos under DATA (any depth) + K400_ANNOTATIONS csv files
-	$(IMDPIPE) index $(DATA) --cache $(CACHE) $(foreach a,$(K400_ANNOTATIONS),--annotations $(a)) --labels kinetics400
+	$(IMDPIPE) index $(DATA) --cache $(CACHE) $(foreach a,$(K400_ANNOTATIONS),--annotations $(a)) $(if $(K400_LABELS),--labels $(K400_LABELS))
 	$(MAKE) --no-print-directory _stages EVAL_SPLIT=$(K400_EVAL_SPLIT)
 
 ucf101: setup _check_paths _preflight  ## DATA=UCF-101 root with class folders, plus $(DATA)/ucfTrainTestlist

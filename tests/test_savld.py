@@ -185,7 +185,8 @@ def test_store_layout_attrs_and_txt_round_trip(built):
     assert list(rows) == VIDEO
     for i, v in enumerate(VIDEO):
         assert rows[v] == [d.audio_labels[j] for j in idx[i]]
-    line = (out / "savld.txt").read_text().splitlines()[0]
+    header, line = (out / "savld.txt").read_text().splitlines()[:2]
+    assert header == f"# encoder={a['encoder']} encoder_sha256={a['encoder_sha256']} source=text metric=cosine k=10"
     assert line.startswith("playing guitar\t") and line.count(";") == 9
     loaded = sv.load_savld(out)
     assert loaded.sha256 == d.sha256 == a["savld_sha256"]

@@ -374,12 +374,17 @@ class Savld:
 # savld.txt
 # ---------------------------------------------------------------------------------------------
 def write_savld_txt(path: str | Path, savld: Savld) -> None:
-    """``video label<TAB>audio label;audio label;...`` one row per video label (atomic write)."""
+    """``video label<TAB>audio label;audio label;...`` one row per video label (atomic write), under
+    one ``# encoder=... source=... metric=... k=...`` header line naming what built the dictionary."""
     path = Path(path)
     for lab in [*savld.video_labels, *savld.audio_labels]:
         if "\t" in lab or "\n" in lab or ";" in lab:
             raise ValueError(f"label {lab!r} contains a tab, newline or ';' and cannot go into {path.name}")
-    lines = [f"{v}\t{';'.join(a)}" for v, a in savld.rows().items()]
+    header = f"# encoder={savld.attrs.get('encoder', 'unknown')}"
+    if savld.attrs.get("encoder_sha256"):
+        header += f" encoder_sha256={savld.attrs['encoder_sha256']}"
+    header += f" source={savld.source} metric={savld.metric} k={savld.k}"
+    lines = [header] + [f"{v}\t{';'.join(a)}" for v, a in savld.rows().items()]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -390,7 +395,7 @@ def read_savld_txt(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     rows: dict[str, list[str]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.startswith("#"):  # the header names the encoder
             continue
         if "\t" not in line:
             raise ValueError(f"{path}:{n}: expected 'video label<TAB>audio;labels', got {line!r}")

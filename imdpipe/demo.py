@@ -204,7 +204,7 @@ def _run(out: Path, seed: int, s: DemoSettings, methods, console, show_progress)
     recipe = TrainConfig(size="tiny", alpha=s.alpha, num_frames=s.num_frames, frame_stride=s.frame_stride,
                          crop_size=s.crop_size, crop_scale=s.crop_scale, flow_scale=s.flow_scale, optimizer="adamw",
                          lr=s.lr, weight_decay=s.weight_decay, batch_size=s.batch_size, epochs=s.epochs,
-                         warmup_epochs=s.warmup_epochs, num_workers=0, threads=s.threads, val_split="none")
+                         warmup_epochs=s.warmup_epochs, num_workers=0, threads=s.threads, val_split="last")
     gt = data / GROUND_TRUTH_NAME
     seeds = train_seeds(seed, s.train_seeds)
     evaluations: dict[str, list[dict]] = {}

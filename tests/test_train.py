@@ -209,7 +209,7 @@ def test_dataset_survives_pickling_to_workers(cache):
 # Resume and DDP
 # ---------------------------------------------------------------------------------------------
 def test_resume_ends_with_same_weights(cache, tmp_path):
-    cfg = tiny_config(epochs=2, fusion="gmu", cross_modal_p=0.5, drop_rate=0.1, val_split="none")
+    cfg = tiny_config(epochs=2, fusion="gmu", cross_modal_p=0.5, drop_rate=0.1, val_split="last")
     full = train(cache=cache, out=tmp_path / "full", config=cfg, show_progress=False)
     part = train(cache=cache, out=tmp_path / "part", config=cfg, show_progress=False, stop_after_epoch=0)
     assert part["epochs_done"] == 1
@@ -233,7 +233,7 @@ def test_two_process_gloo_ddp_trains_in_step(cache, tmp_path):
     import torch.multiprocessing as mp
     from train_fixtures import ddp_worker
 
-    cfg = tiny_config(epochs=1, fusion="late-concat", val_split="none", grad_clip=0.0)
+    cfg = tiny_config(epochs=1, fusion="late-concat", val_split="last", grad_clip=0.0)
     mp.spawn(ddp_worker, args=(2, _free_port(), str(cache), str(tmp_path / "ddp"), str(tmp_path), cfg.to_dict()),
              nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -126,7 +126,7 @@ def tiny_config(**changes):
 
     base = dict(size="tiny", crop_size=32, num_frames=4, frame_stride=1, batch_size=8, epochs=2, lr=0.05,
                 warmup_epochs=0.5, num_workers=0, threads=1, log_every=2, eval_batch_size=4, device="cpu",
-                crop_scale=(0.5, 1.0))
+                crop_scale=(0.5, 1.0), val_fraction=0.25)  # a hold-out of 2 of each class's 8 training videos
     base.update(changes)
     return TrainConfig(**base)
 

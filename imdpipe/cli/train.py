@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from imdpipe.cli.options import CacheOpt, cli_errors
-from imdpipe.train.config import FIELD_HELP, TrainConfig
+from imdpipe.train.config import FIELD_HELP, RECIPE_FIELDS, TrainConfig
 
 _FIELDS = [f for f in fields(TrainConfig) if f.name in FIELD_HELP]
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -26,7 +26,7 @@ _TYPES = typing.get_type_hints(TrainConfig)
 # Flags other than --field-name (extra spellings kept for older command lines and scripts).
 _FLAGS = {"relevance_weight": ("--relevance-weight", "--lambda"), "num_workers": ("--workers", "--num-workers")}
 # How a tuple field is written on the command line.
-_TUPLE_FORMS = {str: "comma separated", float: "as LO,HI"}
+_TUPLE_FORMS = {str: "comma separated", float: "as LO,HI", int: "comma separated"}
 
 
 def _fmt(value) -> str:
@@ -42,17 +42,27 @@ def _flags(name: str, kind) -> tuple[str, ...]:
     return _FLAGS.get(name, (flag,))
 
 
+def _field_type(name: str):
+    """A field's type without ``| None`` (recipe fields are None until the recipe fills them)."""
+    kind = _TYPES[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if typing.get_origin(kind) is not tuple and args else kind
+
+
 def _config_option(f) -> inspect.Parameter:
     """The ``typer`` parameter of one TrainConfig field (tuples are read as comma-separated text)."""
-    kind = _TYPES[f.name]
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    kind = _field_type(f.name)
     help_text = FIELD_HELP[f.name]
     if typing.get_origin(kind) is tuple:
-        help_text += ", " + _TUPLE_FORMS[args[0]]
+        help_text += ", " + _TUPLE_FORMS[typing.get_args(kind)[0]]
         kind = str
-    elif args:  # X | None
-        kind = args[0]
-    option = typer.Option(*_flags(f.name, kind), help=f"{help_text}. Default: {_fmt(f.default)}.",
+    if f.name in RECIPE_FIELDS:
+        default = "from --recipe"
+    elif f.name == "recipe":
+        default = "paper (cosine for --size tiny)"
+    else:
+        default = _fmt(f.default)
+    option = typer.Option(*_flags(f.name, kind), help=f"{help_text}. Default: {default}.",
                           show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
@@ -60,7 +70,7 @@ def _config_option(f) -> inspect.Parameter:
 
 def _parse_tuple(name: str, text: str) -> tuple:
     """``"rgb,flow"`` -> ``("rgb", "flow")``; numbers for numeric tuple fields."""
-    item = typing.get_args(_TYPES[name])[0]
+    item = typing.get_args(_field_type(name))[0]
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         return tuple(item(p) for p in parts)
@@ -76,7 +86,7 @@ def config_overrides(given: dict) -> dict:
     for name, value in given.items():
         if value is None:
             continue
-        overrides[name] = _parse_tuple(name, value) if typing.get_origin(_TYPES[name]) is tuple else value
+        overrides[name] = _parse_tuple(name, value) if typing.get_origin(_field_type(name)) is tuple else value
     return overrides
 
 
@@ -110,8 +120,8 @@ def train_cmd(
         cfg = None
     else:
         try:
-            base = load_config(config) if config is not None else TrainConfig()
-            cfg = base.replace(**overrides)
+            # without --config the recipe (and its default for the size) resolves from the flags given
+            cfg = load_config(config).replace(**overrides) if config is not None else TrainConfig(**overrides)
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
     with cli_errors():
@@ -156,6 +166,9 @@ def evaluate_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: the run's).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write metrics.json and confusion.png "
                                                 "(default: the run directory).")] = None,
+    allow_selection_leak: Annotated[bool, typer.Option(
+        "--allow-selection-leak", help="Score a checkpoint that was selected on the split scored here (refused "
+                                       "otherwise; metrics.json then records selection_leak: true).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Score a trained run on a split with multi-view testing; write metrics.json and confusion.png."""
@@ -164,7 +177,7 @@ def evaluate_cmd(
     with cli_errors():
         evaluate(run=run, cache=cache, split=split, crops=crops, clips=clips, ground_truth=ground_truth,
                  checkpoint=checkpoint, batch_size=batch_size, num_workers=num_workers, device=device, out=out,
-                 show_progress=not quiet)
+                 allow_selection_leak=allow_selection_leak, show_progress=not quiet)
 
 
 def predict_cmd(

@@ -1,15 +1,20 @@
 """Clips from the feature caches: ``frames.zarr`` (RGB + quantized flow), ``audio.zarr``, ``relevance.zarr``.
 
-A training item is one random clip of ``num_frames`` cached positions (``frame_stride`` apart)
-of one video, randomly resized-cropped to ``crop_size`` and maybe flipped (a flip negates flow
-x), with the AST embedding, ``has_audio`` flag and relevance target of the audio window nearest
-the clip's centre time. With probability ``cross_modal_p`` those three come from another
+A training item is one random clip of ``num_frames`` cached positions of one video, either
+``frame_stride`` positions apart or spread over ``clip_seconds`` (each frame the cached position
+nearest its time: frames.zarr stores T positions at the centres of T equal segments of the video,
+with their source frame in ``frame_index``, so seconds mean the same for a 10 s Kinetics clip and
+a 4 s UCF-101 one), cropped by ``train_crop`` (TimeSformer's short-side jitter, or a random
+resized crop) to ``crop_size`` and maybe flipped (a flip negates flow x), with the AST
+embedding, ``has_audio`` flag and relevance target of the audio window nearest the clip's centre
+time. With probability ``cross_modal_p`` those three come from another
 training video of the same class instead (intra-class cross-modality augmentation, paper 3.6).
 
 An evaluation item is one video with ``clips x crops`` views (paper 4.1: 4 x 3): temporal clips
-evenly spaced over the cached positions, and left/centre/right squares of the frame's short side
-(the same as resizing the short side to the crop size, then cropping), each view with the audio
-window covering its clip.
+evenly spaced over the cached positions (or, with ``clip_seconds``, over the video's time), and
+left/centre/right squares of the frame's short side (the same as resizing the short side to the
+crop size, then cropping: the usual three-crop test), each view with the audio window covering
+its clip.
 
 Resizing a flow field by a factor also scales its displacements by that factor, so flow stays in
 pixels of the model's input. Randomness comes from ``(seed, epoch, video index)`` only, so a
@@ -292,6 +297,46 @@ def clip_span(num_frames: int, stride: int) -> int:
     return (num_frames - 1) * stride + 1
 
 
+def position_times(frame_index: np.ndarray, fps: float) -> np.ndarray:
+    """Time (s) of each cached position: its source frame over the frame rate (30 fps when unknown,
+    TimeSformer's reference rate)."""
+    return np.asarray(frame_index, dtype=np.float64) / (fps if fps > 0 else 30.0)
+
+
+def positions_at(times: np.ndarray, start_s: float, num_frames: int, clip_seconds: float) -> np.ndarray:
+    """Cached positions nearest the times ``start_s + linspace(0, clip_seconds, num_frames)``.
+
+    ``times`` (increasing) is :func:`position_times`; a clip longer than the cached span takes the
+    last position for the times past its end (TimeSformer's sampler clamps frame indices alike).
+    """
+    targets = start_s + np.linspace(0.0, clip_seconds, num_frames)
+    after = np.clip(np.searchsorted(times, targets), 0, len(times) - 1)
+    before = np.clip(after - 1, 0, len(times) - 1)
+    closer_before = np.abs(times[before] - targets) <= np.abs(times[after] - targets)
+    return np.where(closer_before, before, after)
+
+
+def train_positions(clip: ClipSpec, rng: np.random.Generator, T: int, times: np.ndarray) -> np.ndarray:
+    """One random clip's cached positions: a random start, then ``frame_stride`` positions apart or
+    spread over ``clip_seconds`` (the first random draw of the item either way)."""
+    if clip.clip_seconds > 0:
+        last_start = max(times[-1] - clip.clip_seconds, times[0])
+        return positions_at(times, float(rng.uniform(times[0], last_start)), clip.num_frames, clip.clip_seconds)
+    span = clip_span(clip.num_frames, clip.frame_stride)
+    start = int(rng.integers(0, max(T - span, 0) + 1))
+    return clip_positions(start, clip.num_frames, clip.frame_stride, T)
+
+
+def eval_positions(clip: ClipSpec, clips: int, T: int, times: np.ndarray) -> list[np.ndarray]:
+    """The cached positions of ``clips`` test clips evenly spaced over the video (1 clip: centred)."""
+    if clip.clip_seconds > 0:
+        first, last = times[0], max(times[-1] - clip.clip_seconds, times[0])
+        starts = [(first + last) / 2] if clips == 1 else list(np.linspace(first, last, clips))
+        return [positions_at(times, s, clip.num_frames, clip.clip_seconds) for s in starts]
+    starts = eval_starts(T, clip.num_frames, clip.frame_stride, clips)
+    return [clip_positions(s, clip.num_frames, clip.frame_stride, T) for s in starts]
+
+
 def eval_starts(T: int, num_frames: int, stride: int, clips: int) -> list[int]:
     """Starts of ``clips`` temporal clips evenly spaced over ``T`` positions (1 clip: centred)."""
     last = max(T - clip_span(num_frames, stride), 0)
@@ -323,6 +368,21 @@ def random_resized_box(rng: np.random.Generator, H: int, W: int, scale: tuple[fl
             return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
     side = min(H, W)
     return (H - side) // 2, (W - side) // 2, side, side
+
+
+def jitter_box(rng: np.random.Generator, H: int, W: int, scales: tuple[int, int],
+               crop: int) -> tuple[int, int, int, int]:
+    """A random square box ``(y0, x0, side, side)``: TimeSformer's training crop on a stored frame.
+
+    The frame's short side is resized to a random integer ``s`` in ``scales`` (both included) and
+    a random ``crop`` x ``crop`` square is cut; on the stored frame that square has side
+    ``crop * short / s`` (then resized to ``crop``), so the geometry does not depend on the size
+    the frames were cached at.
+    """
+    short = min(H, W)
+    s = int(rng.integers(scales[0], scales[1] + 1))
+    side = min(max(int(round(crop * short / s)), 1), short)
+    return int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1)), side, side
 
 
 def nearest_window(window_start_s: np.ndarray, window_s: float, t: float) -> int:
@@ -597,13 +657,15 @@ class ClipDataset(Dataset):
     def _train_item(self, index: int, epoch: int) -> dict:
         clip = self.clip
         rng = np.random.default_rng([self.seed, epoch, index])
-        span = clip_span(clip.num_frames, clip.frame_stride)
-        start = int(rng.integers(0, max(self.T - span, 0) + 1))
-        positions = clip_positions(start, clip.num_frames, clip.frame_stride, self.T)
-        box = random_resized_box(rng, self.H, self.W, clip.crop_scale)
+        frame_index = self._small(f"{FRAMES.name}/frame_index")[index]
+        positions = train_positions(clip, rng, self.T, position_times(frame_index, self.fps[index]))
+        if clip.train_crop == "jitter":
+            box = jitter_box(rng, self.H, self.W, clip.jitter_scales, clip.crop_size)
+        else:
+            box = random_resized_box(rng, self.H, self.W, clip.crop_scale)
         flip = bool(clip.hflip and rng.random() < 0.5)
         swap = self.cross_modal_p > 0 and rng.random() < self.cross_modal_p
-        t = clip_centre_time(self._small(f"{FRAMES.name}/frame_index")[index], positions, self.fps[index])
+        t = clip_centre_time(frame_index, positions, self.fps[index])
         out = {"label": self.labels[index], "index": index, "clip_time_s": t}
         if "rgb" in self.modalities:
             out["rgb"] = crop_rgb(self._read("rgb", index, positions, box), clip.crop_size, flip)
@@ -675,9 +737,8 @@ def eval_views(*, rgb: np.ndarray | None, flow: np.ndarray | None, frame_index: 
     """
     T = len(frame_index)
     H, W = (rgb if rgb is not None else flow).shape[1:3] if (rgb is not None or flow is not None) else (0, 0)
-    starts = eval_starts(T, clip.num_frames, clip.frame_stride, clips)
     boxes = eval_boxes(H, W, crops) if H else []
-    clip_pos = [clip_positions(s, clip.num_frames, clip.frame_stride, T) for s in starts]
+    clip_pos = eval_positions(clip, clips, T, position_times(frame_index, fps))
     per_view = max(len(boxes), 1) if (rgb is not None or flow is not None) else crops
     times = [clip_centre_time(frame_index, pos, fps) for pos in clip_pos]
     out: dict = {"clip_time_s": torch.tensor([t for t in times for _ in range(per_view)], dtype=torch.float64)}

@@ -11,7 +11,10 @@ writes ``ground_truth.csv``), the ROC AUC of rev against it (a video's rev = mea
 * ``per_class``: ``{class: {"top1": percent, "n": videos}}``;
 * ``audio_dropped``: ``{"overall": share, "per_class": {class: share}}`` or null (no IMD);
 * ``relevance_auc``: AUC in [0, 1] or null when unknown; ``relevance_auc_n``: videos used;
-* ``confusion``: counts ``[true][predicted]``; ``checkpoint``, ``epoch``, ``cache``, ``split``;
+* ``confusion``: counts ``[true][predicted]``; ``epoch``, ``cache``, ``split``;
+* ``checkpoint``: the file scored; ``selected_on``: what chose it (``holdout`` = a hold-out of the
+  training split, a split name, or ``last`` = no selection); ``selection_leak``: true only when
+  ``allow_selection_leak`` let a checkpoint selected on the scored split through.
 * ``videos``: per scored video, as columns ``video_id``, ``label`` and ``predicted`` (class
   indices into ``labels``), e.g. to bootstrap intervals over the test videos.
 """
@@ -27,16 +30,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from imdpipe.contract import FLOW_BOUND, GROUND_TRUTH_NAME, video_path
-from imdpipe.train.config import TrainConfig
+from imdpipe.train.config import VAL_LAST, TrainConfig
 from imdpipe.train.data import (
     ClipDataset,
     compare_provenance,
+    loader_workers,
     open_cache,
     prepare_inputs,
     report_selection,
     select_videos,
 )
 from imdpipe.train.runtime import (
+    CHECKPOINT_LAST,
     autocast_context,
     load_checkpoint,
     model_from_checkpoint,
@@ -123,10 +128,25 @@ def top_k_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(1)
 
 
+def selected_on_of(ckpt: dict, path: Path, splits: set[str]) -> str:
+    """What chose a checkpoint: ``last`` for checkpoint-last.pt (the last epoch, chosen by nobody),
+    else the split its run selected on (``holdout``: a hold-out of the training split)."""
+    if path.name == CHECKPOINT_LAST:
+        return VAL_LAST
+    selection = ckpt.get("selection")
+    if selection:
+        return selection["selected_on"]
+    legacy = ckpt["config"].get("val_split")  # runs from before the hold-out: 'auto' took val, else test
+    if legacy == "auto":
+        train_split = ckpt["config"].get("train_split", "train")
+        return next((s for s in ("val", "validation", "test") if s in splits and s != train_split), VAL_LAST)
+    return "train-loss" if legacy == "none" else str(legacy)
+
+
 def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: int = 3, clips: int = 4,
              ground_truth: str | Path | None = None, checkpoint: str = "best", batch_size: int | None = None,
              num_workers: int | None = None, device: str | None = None, out: str | Path | None = None,
-             console=None, show_progress: bool = True) -> dict:
+             allow_selection_leak: bool = False, console=None, show_progress: bool = True) -> dict:
     """Score a run's checkpoint on one split of a cache and write metrics.json + a confusion matrix.
 
     Args:
@@ -141,6 +161,9 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         num_workers: DataLoader workers (default: the run's).
         device: ``auto``, ``cpu`` or ``cuda`` (default: the run's).
         out: directory for metrics.json and the PNG (default: the run directory).
+        allow_selection_leak: score a checkpoint that was selected on ``split`` anyway (refused
+            otherwise: the number would be chosen on the data it reports); metrics.json then
+            says ``selection_leak: true``.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,6 +191,16 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
                            "provenance) or evaluate another run.")
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+    selected_on = selected_on_of(ckpt, ckpt_path, {r.split for r in info.manifest.records})
+    leak = selected_on == split
+    if leak and not allow_selection_leak:
+        raise ValueError(f"{ckpt_path} was selected on split {split!r} (the epoch with the best top-1 there); "
+                         f"scoring it on {split!r} reports a number chosen on the data it reports. Score "
+                         f"--checkpoint last, retrain with --val-split holdout (the default), or pass "
+                         f"--allow-selection-leak to score it anyway (metrics.json then says so).")
+    if leak:
+        console.print(f"[yellow]warning:[/yellow] {ckpt_path.name} was selected on {split!r}, the split scored "
+                      f"here: this number is optimistic (selection_leak: true in metrics.json)")
     sel = select_videos(info, split)
     report_selection(sel, split, console)
     if not sel.indices:
@@ -177,7 +210,7 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     ds = ClipDataset(info, sel.indices, mode="eval", clip=config.clip, modalities=config.modalities, relevance=False,
                      clips=clips, crops=crops, seed=config.seed)
     loader = DataLoader(ds, batch_size=batch_size or config.eval_batch_size, shuffle=False,
-                        num_workers=config.num_workers if num_workers is None else num_workers)
+                        num_workers=loader_workers(config.num_workers if num_workers is None else num_workers))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as progress:
         task = progress.add_task(f"evaluate {split} ({clips}x{crops} views)", total=len(ds))
@@ -225,7 +258,8 @@ def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, 
         "left_out": sel.n_left_out, "per_class": per_class, "audio_dropped": audio_dropped,
         "relevance_auc": auc, "relevance_auc_n": auc_n, "ground_truth": str(gt_path) if gt_path else None,
         "confusion": confusion.tolist(), "labels": labels, "split": split, "cache": str(cache),
-        "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "fusion": config.fusion,
+        "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "selected_on": selected_on,
+        "selection_leak": leak, "fusion": config.fusion,
         "modalities": list(config.modalities),
         "videos": {"video_id": [manifest.records[int(i)].video_id for i in res["indices"]],
                    "label": y.tolist(), "predicted": pred.tolist()},

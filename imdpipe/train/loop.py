@@ -4,13 +4,16 @@ Run directory (cache_layout.md, "Run directory")::
 
     RUN/config.yaml          the resolved TrainConfig (replay with --config RUN/config.yaml)
     RUN/checkpoint-last.pt   model, optimizer, scheduler, RNG states, config, cache provenance
-    RUN/checkpoint-best.pt   the same, at the epoch with the best validation top-1
+    RUN/checkpoint-best.pt   the same, at the epoch with the best validation top-1 (not with --val-split last)
     RUN/metrics.jsonl        one JSON line per logged step and per epoch
+    RUN/events.out.tfevents.*  the same numbers for TensorBoard (tensorboard --logdir RUN)
     RUN/training-curves.png  loss, accuracy and learning rate
 
 Loss: ``CE(logits, label) + lambda * BCE(rev, relevance target)`` (paper 3.5; the BCE term only
-exists for the IMD fusion). Optimizer: SGD (momentum) or AdamW, linear warmup then cosine decay,
-stepped per iteration. Exact resume: the data order comes from the sampler's ``seed + epoch``,
+exists for the IMD fusion). Optimizer: SGD (momentum) or AdamW; learning rate per iteration from
+the recipe's schedule (TimeSformer's step decay, or linear warmup then cosine decay). Model
+selection (:func:`resolve_val_split`): a seeded, class-stratified hold-out of the training split
+by default, never the split that gets reported. Exact resume: the data order comes from the sampler's ``seed + epoch``,
 each clip's randomness from ``(seed, epoch, video)``, and torch's RNG is reseeded from
 ``(seed, epoch, rank)`` at every epoch start, so a run resumed from ``checkpoint-last.pt`` ends
 with the same weights as an uninterrupted one (bit for bit on CPU).
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from imdpipe.train.config import TrainConfig, save_config
+from imdpipe.train.config import VAL_HOLDOUT, VAL_LAST, TrainConfig, save_config
 from imdpipe.train.data import (
     ClipDataset,
     EpochSampler,
@@ -42,6 +45,7 @@ from imdpipe.train.data import (
     select_videos,
 )
 from imdpipe.train.evaluate import score_views
+from imdpipe.train.events import EventWriter
 from imdpipe.train.runtime import (
     CHECKPOINT_BEST,
     CHECKPOINT_LAST,
@@ -73,6 +77,29 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def step_lr_factor(step: int, *, steps_per_epoch: int, milestones, gamma: float, warmup: int = 0) -> float:
+    """TimeSformer's step schedule: ``gamma`` to the number of milestones (epoch indices) reached.
+
+    Epoch ``e`` (0-based) runs at ``gamma ** #{m in milestones: e >= m}``: with milestones (11, 14)
+    and 15 epochs, 11 epochs at lr, 3 at lr/10, 1 at lr/100 (TimeSformer's ``steps_with_relative_lrs``
+    with steps [0, 11, 14] and lrs [1, 0.1, 0.01]). An optional linear warmup over the first steps.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    epoch = step // steps_per_epoch
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+def schedule(config: TrainConfig, steps_per_epoch: int):
+    """The per-step learning-rate factor of ``config.lr_schedule`` (for ``LambdaLR``)."""
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "step":
+        return lambda s: step_lr_factor(s, steps_per_epoch=steps_per_epoch, milestones=config.lr_milestones,
+                                        gamma=config.lr_gamma, warmup=warmup)
+    total = steps_per_epoch * config.epochs
+    return lambda s: lr_factor(s, total=total, warmup=warmup, min_ratio=config.min_lr_ratio)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW; no weight decay on biases, norms and embeddings of one axis."""
     decay, no_decay = [], []
@@ -100,17 +127,54 @@ def loss_terms(logits, rev_logit, labels, targets, config: TrainConfig):
     return ce + config.relevance_weight * bce, ce.detach(), bce.detach()
 
 
-def resolve_val_split(name: str, splits: set[str], train_split: str) -> str | None:
-    if name == "none":
-        return None
-    if name == "auto":
-        for cand in ("val", "validation", "test"):
-            if cand in splits and cand != train_split:
-                return cand
-        return None
+def init_source(spec: str) -> str:
+    """What ``--init-checkpoint`` names, as :func:`imdpipe.heads.init_model` takes it: a run
+    directory becomes its checkpoint-best.pt (the selected epoch), else its checkpoint-last.pt."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    for name in (CHECKPOINT_BEST, CHECKPOINT_LAST):
+        if (path / name).is_file():
+            return str(path / name)
+    raise FileNotFoundError(f"--init-checkpoint {spec}: the directory holds neither {CHECKPOINT_BEST} nor "
+                            f"{CHECKPOINT_LAST} (is it a run directory written by `imdpipe train`?)")
+
+
+def resolve_val_split(config: TrainConfig, manifest, usable: list[int]) -> tuple[list[int], list[int] | None, str]:
+    """What the run trains on and selects on: ``(train indices, validation indices or None, selected_on)``.
+
+    * ``holdout``: a class-stratified, seeded ``val_fraction`` of the training split's manifest
+      rows (:func:`imdpipe.pipeline.splits.stratified_split`, keyed by video id, so the hold-out
+      does not move when a video's extraction fails or is repaired); never trained on.
+    * ``last``: no selection; ``selected_on`` is ``last``.
+    * a split name: that split (not the training one) picks checkpoint-best.pt; evaluate then
+      refuses to report it.
+
+    ``usable`` are the training split's videos every needed stage finished.
+    """
+    from imdpipe.pipeline.splits import stratified_split
+
+    name = config.val_split
+    if name == VAL_LAST:
+        return usable, None, VAL_LAST
+    if name == VAL_HOLDOUT:
+        rows = [r for r in manifest.records if r.split == config.train_split]
+        groups = stratified_split([r.video_id for r in rows], [r.label for r in rows],
+                                  (1 - config.val_fraction, config.val_fraction), config.seed)
+        held = {r.index for r, g in zip(rows, groups) if g == 1}
+        val = [i for i in usable if i in held]
+        if not val:
+            raise ValueError(f"a --val-fraction {config.val_fraction} hold-out of the {len(rows)} training videos "
+                             f"holds none (each class keeps round(fraction x its videos)); raise --val-fraction, "
+                             f"name a validation split with --val-split, or pass --val-split last (no selection)")
+        return [i for i in usable if i not in held], val, VAL_HOLDOUT
+    splits = {r.split for r in manifest.records}
     if name not in splits:
-        raise ValueError(f"val_split {name!r} is not a split of the manifest (splits: {sorted(splits)})")
-    return name
+        raise ValueError(f"val_split {name!r} is not a split of the manifest (splits: {sorted(splits)}); use "
+                         f"{VAL_HOLDOUT!r}, {VAL_LAST!r} or a split name")
+    if name == config.train_split:
+        raise ValueError(f"val_split {name!r} is the training split; use {VAL_HOLDOUT!r} to hold out part of it")
+    return usable, None, name
 
 
 def _write_curves(records: list[dict], path: Path) -> None:
@@ -187,6 +251,8 @@ def train(*, cache: str | Path, out: str | Path, config: TrainConfig | None = No
         config = TrainConfig.from_dict(ckpt["config"])
     else:
         config = config or TrainConfig()
+        config.check_init()  # before anything is opened or built
+        config.check_val_split()
         if (out / CHECKPOINT_LAST).exists():
             raise FileExistsError(f"{out} already holds a run ({CHECKPOINT_LAST}); pass --resume to continue it "
                                   f"or choose another --out.")
@@ -209,18 +275,24 @@ class EpochTotals:
     bce: float = 0.0
     correct: float = 0.0  # clips whose arg-max is the label
     clips: float = 0.0
+    rev: float = 0.0  # sum of IMD's rev over clips
+    dropped: float = 0.0  # clips with rev < alpha (their audio masked)
 
-    def add(self, loss: float, ce: float, bce: float, correct: float, n: int) -> None:
-        """One step's mean losses over ``n`` clips."""
+    def add(self, loss: float, ce: float, bce: float, correct: float, n: int, rev: float = 0.0,
+            dropped: float = 0.0) -> None:
+        """One step's mean losses over ``n`` clips (and the sums of its rev statistics)."""
         self.loss += loss * n
         self.ce += ce * n
         self.bce += bce * n
         self.correct += correct
         self.clips += n
+        self.rev += rev
+        self.dropped += dropped
 
     def all_sum(self, ddp: Dist, device: torch.device) -> EpochTotals:
         """The totals over every process."""
-        return EpochTotals(*ddp.all_sum([self.loss, self.ce, self.bce, self.correct, self.clips], device))
+        return EpochTotals(*ddp.all_sum([self.loss, self.ce, self.bce, self.correct, self.clips, self.rev,
+                                         self.dropped], device))
 
 
 @dataclass
@@ -249,6 +321,9 @@ class _Run:
     step: int = 0
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
+    selected_on: str = VAL_LAST  # what picks checkpoint-best.pt: holdout, a split name, or last (nothing)
+    val_videos: int = 0
+    events: EventWriter | None = None  # TensorBoard, rank 0
 
 
 def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, console, ddp: Dist,
@@ -258,13 +333,16 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     seen_clips, train_seconds, last_epoch, last = 0, 0.0, run.start_epoch - 1, {}
     with _progress(console, show_progress) as progress:
         for epoch in range(run.start_epoch, run.config.epochs):
+            lr = run.scheduler.get_last_lr()[0]  # the epoch's first step's (the whole epoch's with the step schedule)
             totals, seconds = _train_epoch(run, epoch, progress)
             seen_clips += int(totals.clips)
             train_seconds += seconds
             rec = {"kind": "epoch", "epoch": epoch, "step": run.step, "train_loss": totals.loss / totals.clips,
                    "train_ce": totals.ce / totals.clips, "train_bce": totals.bce / totals.clips,
-                   "train_top1": 100 * totals.correct / totals.clips, "lr": run.scheduler.get_last_lr()[0],
+                   "train_top1": 100 * totals.correct / totals.clips, "lr": lr,
                    "clips_per_s": totals.clips / seconds, "seconds": seconds, "val_top1": None, "val_loss": None}
+            if run.config.uses_relevance:  # IMD: mean rev and the share of clips whose audio it masked
+                rec["rev_mean"], rec["audio_dropped"] = totals.rev / totals.clips, totals.dropped / totals.clips
             if run.val_loader is not None:
                 rec["val_top1"], rec["val_loss"] = _validate(run)
             if ddp.main:
@@ -273,6 +351,8 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
             last, last_epoch = rec, epoch
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
+    if run.events is not None:
+        run.events.close()
 
     best = run.best
     summary = {
@@ -307,20 +387,22 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     config = config.replace(relevance=relevance_settings(info))
     splits = {r.split for r in info.manifest.records}
     if config.train_split not in splits:
+        hint = (" (class folders without split files: draw splits with `imdpipe index ... --split-fractions "
+                "0.8,0.1,0.1 --overwrite`)" if splits == {"all"} else "")
         raise ValueError(f"train_split {config.train_split!r} is not a split of {cache}/manifest.csv "
-                         f"(splits: {sorted(splits)})")
-    val_split = resolve_val_split(config.val_split, splits, config.train_split)
+                         f"(splits: {sorted(splits)}){hint}")
     train_sel = select_videos(info, config.train_split)
     if ddp.main:
         report_selection(train_sel, config.train_split, console)
     if not train_sel.indices:
         raise ValueError(f"no usable training videos in {cache} (split {config.train_split!r})")
+    train_indices, holdout, selected_on = resolve_val_split(config, info.manifest, train_sel.indices)
     if config.batch_size % ddp.world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ddp.world} processes")
     per_rank = config.batch_size // ddp.world
 
     data_kw = dict(clip=config.clip, modalities=config.modalities, relevance=config.uses_relevance, seed=config.seed)
-    train_ds = ClipDataset(info, train_sel.indices, mode="train", cross_modal_p=config.cross_modal_p, **data_kw)
+    train_ds = ClipDataset(info, train_indices, mode="train", cross_modal_p=config.cross_modal_p, **data_kw)
     sampler = DistributedSampler(train_ds, num_replicas=ddp.world, rank=ddp.rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
     steps_per_epoch = len(sampler) // per_rank
@@ -330,26 +412,35 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     loader = DataLoader(train_ds, batch_size=per_rank, sampler=EpochSampler(sampler), drop_last=True,
                         **loader_kwargs(loader_workers(config.num_workers), pin_memory=device.type == "cuda"))
     val_loader = None
-    if val_split is not None and ddp.main:
-        val_sel = select_videos(info, val_split)
-        report_selection(val_sel, val_split, console)
-        if val_sel.indices:
-            val_ds = ClipDataset(info, val_sel.indices, mode="eval", clips=1, crops=1, **data_kw)
-            val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
-                                    num_workers=min(config.num_workers, 1))
+    val_indices = holdout
+    if selected_on not in (VAL_HOLDOUT, VAL_LAST):  # a named split
+        val_sel = select_videos(info, selected_on)
+        if ddp.main:
+            report_selection(val_sel, selected_on, console)
+        val_indices = val_sel.indices
+    elif holdout is not None and ddp.main:
+        console.print(f"validation: {len(holdout)} of the {len(train_sel.indices)} training videos held out "
+                      f"({config.val_fraction:g} per class, seed {config.seed}), never trained on")
+        if not val_indices:
+            raise ValueError(f"val_split {selected_on!r} has no usable video in {cache}; name another split, "
+                             f"or use --val-split {VAL_HOLDOUT} or {VAL_LAST}")
+    if val_indices and ddp.main:
+        val_ds = ClipDataset(info, val_indices, mode="eval", clips=1, crops=1, **data_kw)
+        val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
+                                num_workers=min(loader_workers(config.num_workers), 1))
 
     seed_everything(config.seed)
     model_cfg = config.model_config(num_classes=len(info.labels), audio_dim=info.audio_dim, flow_bound=info.flow_bound)
-    raw_model = build_model(model_cfg, init_checkpoint=config.init_checkpoint if ckpt is None else None).to(device)
+    init = init_source(config.init_checkpoint) if ckpt is None and config.init_checkpoint else None
+    raw_model = build_model(model_cfg, init_checkpoint=init).to(device)
+    if raw_model.init_report is not None:
+        config = config.replace(init=raw_model.init_report)
     optimizer = build_optimizer(raw_model, config)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=total_steps, warmup=warmup, min_ratio=config.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, steps_per_epoch))
     run = _Run(config=config, info=info, out=out, ddp=ddp, device=device, say=say, model_cfg=model_cfg,
                raw_model=raw_model, model=raw_model, optimizer=optimizer, scheduler=scheduler, train_sel=train_sel,
                train_ds=train_ds, sampler=sampler, loader=loader, val_loader=val_loader, per_rank=per_rank,
-               steps_per_epoch=steps_per_epoch)
+               steps_per_epoch=steps_per_epoch, selected_on=selected_on, val_videos=len(val_indices or []))
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -367,6 +458,14 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_NAME)
         _write_metrics(out / METRICS_NAME, run.history)
+        run.events = EventWriter(out, enabled=config.tensorboard, purge_step=run.step if ckpt is not None else None)
+        deviations = config.recipe_deviations()
+        say(f"recipe {config.recipe}" + (": as defined" if not deviations else ", except " + ", ".join(
+            f"{k} {v[1]} (recipe: {v[0]})" for k, v in deviations.items())))
+        if config.init:
+            say(f"initialized from {config.init['source']} ({config.init['kind']}, sha256 "
+                f"{(config.init['sha256'] or '?')[:12]}): loaded {', '.join(config.init['loaded'])}; new: "
+                f"{', '.join(config.init['new'])}" + "".join(f"\n  note: {n}" for n in config.init["notes"]))
         say(f"training {model_cfg.size} / {model_cfg.fusion} on {', '.join(model_cfg.modalities)}: "
             f"{len(train_ds)} videos, {len(info.labels)} classes, {steps_per_epoch} steps/epoch x {config.epochs} "
             f"epochs, batch {config.batch_size} ({ddp.world} process(es)), {device.type}"
@@ -382,6 +481,7 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
     torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
     task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=run.steps_per_epoch, rate=0.0, loss=0.0)
     totals = EpochTotals()
+    revs: list[torch.Tensor] = []  # this epoch's rev values on rank 0 (TensorBoard histogram)
     t0 = time.perf_counter()
     for batch in run.loader:
         rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=run.info.flow_bound)
@@ -397,7 +497,14 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
         run.optimizer.step()
         run.scheduler.step()
         run.step += 1
-        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0])
+        rev_sum, dropped = 0.0, 0.0
+        if rev is not None:
+            rev_f = rev.detach().float()
+            rev_sum, dropped = rev_f.sum().item(), (rev_f < run.raw_model.relevance_threshold).sum().item()
+            if ddp.main:
+                revs.append(rev_f.cpu())
+        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0],
+                   rev_sum, dropped)
         rate = totals.clips * ddp.world / max(time.perf_counter() - t0, 1e-9)
         progress.update(task, advance=1, rate=rate, loss=loss.item())
         if ddp.main and run.step % config.log_every == 0:
@@ -405,7 +512,10 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
                    "bce": bce.item(), "lr": run.scheduler.get_last_lr()[0], "clips_per_s": rate}
             run.history.append(rec)
             _append_metric(run.out / METRICS_NAME, rec)
+            run.events.record(rec)
     seconds = time.perf_counter() - t0
+    if ddp.main and revs:
+        run.events.histogram("epoch/rev", torch.cat(revs), run.step)
     return totals.all_sum(ddp, device), seconds
 
 
@@ -418,17 +528,30 @@ def _validate(run: _Run) -> tuple[float, float]:
 
 
 def _checkpoint(run: _Run, epoch: int, rec: dict) -> None:
-    """Rank 0 after an epoch: track the best epoch, log ``rec``, write the checkpoints and the curves."""
-    key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (-rec["train_loss"],)
-    improved = run.best is None or tuple(key) > tuple(run.best["key"])
-    if improved:
-        run.best = {"key": list(key), "epoch": epoch, "val_top1": rec["val_top1"], "train_loss": rec["train_loss"]}
+    """Rank 0 after an epoch: track the best epoch, log ``rec``, write the checkpoints and the curves.
+
+    checkpoint-best.pt is the epoch with the best validation top-1 (then the lowest validation
+    loss) on ``run.selected_on``; with ``last`` nothing is selected and it is not written.
+    """
+    improved = False
+    if rec["val_top1"] is not None:
+        key = (rec["val_top1"], -rec["val_loss"])
+        improved = run.best is None or tuple(key) > tuple(run.best["key"])
+        if improved:
+            run.best = {"key": list(key), "epoch": epoch, "val_top1": rec["val_top1"],
+                        "train_loss": rec["train_loss"]}
     run.history.append(rec)
     _append_metric(run.out / METRICS_NAME, rec)
+    run.events.record(rec)
+    run.events.flush()
+    selection = {"val_split": run.config.val_split, "selected_on": run.selected_on,
+                 "val_fraction": run.config.val_fraction if run.selected_on == VAL_HOLDOUT else None,
+                 "val_videos": run.val_videos}
     state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng": rng_states(run.device), "epoch": epoch, "step": run.step,
              "best": run.best, "config": run.config.to_dict(), "model_config": _model_config_dict(run.model_cfg),
-             "provenance": run.info.provenance, "labels": list(run.info.labels), "metrics": rec}
+             "provenance": run.info.provenance, "labels": list(run.info.labels), "metrics": rec,
+             "selection": selection}
     save_checkpoint(state, run.out / CHECKPOINT_LAST)
     if improved:
         save_checkpoint(state, run.out / CHECKPOINT_BEST)

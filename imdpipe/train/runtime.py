@@ -211,11 +211,17 @@ def model_from_checkpoint(ckpt: dict, device: torch.device):
 
 
 def run_dir_checkpoint(run: str | Path, which: str = "best") -> Path:
-    """``checkpoint-best.pt`` / ``checkpoint-last.pt`` of a run directory, or a checkpoint file itself."""
+    """``checkpoint-best.pt`` / ``checkpoint-last.pt`` of a run directory, or a checkpoint file itself.
+
+    A run trained with ``--val-split last`` selects nothing and has no checkpoint-best.pt: ``best``
+    is then its checkpoint-last.pt (what the run's result is).
+    """
     run = Path(run)
     if run.is_file():
         return run
     names = {"best": CHECKPOINT_BEST, "last": CHECKPOINT_LAST}
     if which not in names:
         raise ValueError(f"checkpoint should be 'best' or 'last', got {which!r}")
+    if which == "best" and not (run / CHECKPOINT_BEST).exists() and (run / CHECKPOINT_LAST).exists():
+        return run / CHECKPOINT_LAST
     return run / names[which]

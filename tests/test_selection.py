@@ -137,5 +137,6 @@ def test_base_refuses_random_init_before_building_anything(cache, tmp_path):
     assert not out.exists()
     r = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(out), "--quiet"])
     assert r.exit_code == 2 and "--from-scratch" in r.output and not out.exists()
-    r = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(out), "--size", "tiny", "--val-split", "auto"])
+    r = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(out), "--size", "tiny",
+                                 "--val-split", "auto"])
     assert r.exit_code == 2 and "holdout" in r.output

@@ -139,3 +139,38 @@ def test_init_from_an_imdpipe_checkpoint_keeps_streams_and_renews_the_classifier
     _save_run_checkpoint(rgb_only, tmp_path / "rgb.pt")
     with pytest.raises(ValueError, match="has no flow stream"):
         build_model(_tiny_cfg(), init_checkpoint=str(tmp_path / "rgb.pt"))
+
+
+def test_preflight_names_the_makefile_variable_of_a_missing_model(tmp_path, monkeypatch, tiny_vit_weights, capsys):
+    import huggingface_hub.constants
+
+    from imdpipe.cli.preflight import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main([f"INIT=init:{TINY_VIT}", "TEXT_MODEL=text:bert-base-uncased"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("make:") == 1 and "INIT vit_tiny" in err and "Set TEXT_MODEL=" in err
+    fake_hub_cache(tmp_path, TINY_VIT, tiny_vit_weights)
+    (tmp_path / "bert").mkdir()
+    assert main([f"INIT=init:{TINY_VIT}", f"TEXT_MODEL=text:{tmp_path / 'bert'}", "INIT=init:none"]) == 0
+    assert main(["INIT=init:"]) == 2 and "INIT is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["ucf101", "k400", "hmdb51"])
+def test_make_targets_use_the_papers_init_and_encoder(target):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", target, "DATA=d", "CACHE=c"], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout
+    train_line = next(line for line in out.splitlines() if " train " in line)
+    assert "--init-checkpoint vit_base_patch16_224.augreg_in21k" in train_line and "--recipe paper" in train_line
+    assert "--text-model bert-base-uncased" in out
+    large = subprocess.run(["make", "-n", target, "DATA=d", "CACHE=c", "SIZE=large"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout
+    assert "--init-checkpoint vit_large_patch16_224.augreg_in21k" in large

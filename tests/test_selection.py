@@ -34,6 +34,37 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def test_clips_in_seconds_and_the_jitter_crop():
+    import numpy as np
+
+    from imdpipe.train.config import ClipSpec
+    from imdpipe.train.data import eval_positions, jitter_box, position_times, positions_at, train_positions
+
+    # 32 positions at segment centres of a 10 s, 30 fps video: TimeSformer's 8.53 s span, no repeats
+    fi = np.round((np.arange(32) + 0.5) * 300 / 32).astype(int)
+    times = position_times(fi, 30.0)
+    pos = positions_at(times, times[0], 8, 8 * 32 / 30)
+    assert len(set(pos.tolist())) == 8 and pos[0] == 0
+    targets = times[0] + np.linspace(0, 8 * 32 / 30, 8)
+    assert np.abs(times[pos] - targets).max() <= (times[1] - times[0]) / 2 + 1e-9  # the nearest position
+    # a 4 s video is shorter than the span: the clip covers it, later frames repeat the last position
+    short = position_times(np.round((np.arange(32) + 0.5) * 120 / 32).astype(int), 30.0)
+    pos = positions_at(short, short[0], 8, 8 * 32 / 30)
+    assert pos[0] == 0 and pos[-1] == 31 and (pos[-3:] == 31).all() and (np.diff(pos) >= 0).all()
+    clip = ClipSpec(num_frames=8, frame_stride=0, clip_seconds=8 * 32 / 30)
+    starts = [times[p[0]] for p in eval_positions(clip, 4, 32, times)]
+    assert starts[0] == times[0] and abs(starts[-1] - (times[-1] - 8 * 32 / 30)) < 0.2
+    rng = np.random.default_rng(0)
+    drawn = [train_positions(clip, rng, 32, times) for _ in range(50)]
+    # starts uniform in [t_0, t_31 - 8.53 s] = [0.16 s, 1.31 s]: the first 5 positions
+    assert all(len(set(p.tolist())) == 8 for p in drawn) and {int(p[0]) for p in drawn} == {0, 1, 2, 3, 4}
+    # jitter: the short side resized to s in [256, 320], a 224 crop: 179..224 stored pixels of 256x340
+    sides = [jitter_box(rng, 256, 340, (256, 320), 224) for _ in range(400)]
+    assert {b[2] for b in sides} <= set(range(179, 225)) and min(b[2] for b in sides) < 185
+    assert max(b[2] for b in sides) == 224 and all(b[2] == b[3] for b in sides)
+    assert all(0 <= y and y + h <= 256 and 0 <= x and x + w <= 340 for y, x, h, w in sides)
+
+
 def test_paper_recipe_learning_rate_at_each_epoch():
     cfg = TrainConfig()  # recipe paper: 0.005, x0.1 from epoch index 11, again from 14, 15 epochs
     factor = schedule(cfg, steps_per_epoch=4)
@@ -74,8 +105,11 @@ def test_holdout_is_stratified_seeded_and_disjoint_from_train_and_test(cache):
 
 def test_metrics_say_what_was_scored_and_the_leak_is_refused(cache, tmp_path):
     held_run, test_run = tmp_path / "held", tmp_path / "on-test"
-    train(cache=cache, out=held_run, config=tiny_config(epochs=2, recipe="paper", lr_milestones=(1,),
-                                                        val_fraction=0.25), show_progress=False)
+    # the paper recipe end to end: step decay, frames over seconds, short-side jitter, classifier dropout
+    paper = tiny_config(epochs=2, recipe="paper", lr_milestones=(1,), val_fraction=0.25, frame_stride=0,
+                        clip_seconds=2.0, train_crop="jitter", jitter_scales=(32, 40))
+    assert paper.head_drop_rate == 0.5 and paper.lr_schedule == "step" and paper.warmup_epochs == 0.5
+    train(cache=cache, out=held_run, config=paper, show_progress=False)
     m = evaluate(run=held_run, cache=cache, split="test", clips=1, crops=1, show_progress=False)
     assert m["checkpoint"] == str(held_run / "checkpoint-best.pt") and m["selected_on"] == "holdout"
     assert m["selection_leak"] is False

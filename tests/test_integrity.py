@@ -117,7 +117,8 @@ def test_train_stops_on_a_flipped_chunk_naming_store_array_and_video(clean_cache
     result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"),
                                       "--size", "tiny", "--crop-size", "32", "--num-frames", "4",
                                       "--frame-stride", "1", "--batch-size", "4", "--epochs", "1",
-                                      "--num-workers", str(workers), "--device", "cpu", "--quiet"])
+                                      "--num-workers", str(workers), "--device", "cpu", "--val-split", "last",
+                                      "--quiet"])
     assert result.exit_code != 0
     out = result.output
     assert "frames.zarr" in out and "flow" in out and "#3 train_0_3" in out, out

@@ -129,7 +129,7 @@ def test_metrics_say_what_was_scored_and_the_leak_is_refused(cache, tmp_path):
     last = evaluate(run=test_run, cache=cache, split="test", clips=1, crops=1, checkpoint="last",
                     show_progress=False)
     assert last["selected_on"] == "last" and last["checkpoint"].endswith("checkpoint-last.pt")
-    r = CliRunner().invoke(app, ["evaluate", "--run", str(test_run), "--cache", str(cache), "--clips", "1",
+    r = CliRunner().invoke(app, ["evaluate", "--run-dir", str(test_run), "--cache", str(cache), "--clips", "1",
                                  "--crops", "1", "--quiet"])
     assert r.exit_code == 2 and "--allow-selection-leak" in r.output
 

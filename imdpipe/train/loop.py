@@ -13,10 +13,10 @@ Loss: ``CE(logits, label) + lambda * BCE(rev, relevance target)`` (paper 3.5; th
 exists for the IMD fusion). Optimizer: SGD (momentum) or AdamW; learning rate per iteration from
 the recipe's schedule (TimeSformer's step decay, or linear warmup then cosine decay). Model
 selection (:func:`resolve_val_split`): a seeded, class-stratified hold-out of the training split
-by default, never the split that gets reported. Exact resume: the data order comes from the sampler's ``seed + epoch``,
-each clip's randomness from ``(seed, epoch, video)``, and torch's RNG is reseeded from
-``(seed, epoch, rank)`` at every epoch start, so a run resumed from ``checkpoint-last.pt`` ends
-with the same weights as an uninterrupted one (bit for bit on CPU).
+by default, never the split that gets reported. Exact resume: the data order comes from the
+sampler's ``seed + epoch``, each clip's randomness from ``(seed, epoch, video)``, and torch's RNG
+is reseeded from ``(seed, epoch, rank)`` at every epoch start, so a run resumed from
+``checkpoint-last.pt`` ends with the same weights as an uninterrupted one (bit for bit on CPU).
 """
 
 from __future__ import annotations
@@ -278,16 +278,13 @@ class EpochTotals:
     rev: float = 0.0  # sum of IMD's rev over clips
     dropped: float = 0.0  # clips with rev < alpha (their audio masked)
 
-    def add(self, loss: float, ce: float, bce: float, correct: float, n: int, rev: float = 0.0,
-            dropped: float = 0.0) -> None:
-        """One step's mean losses over ``n`` clips (and the sums of its rev statistics)."""
+    def add(self, loss: float, ce: float, bce: float, correct: float, n: int) -> None:
+        """One step's mean losses over ``n`` clips."""
         self.loss += loss * n
         self.ce += ce * n
         self.bce += bce * n
         self.correct += correct
         self.clips += n
-        self.rev += rev
-        self.dropped += dropped
 
     def all_sum(self, ddp: Dist, device: torch.device) -> EpochTotals:
         """The totals over every process."""
@@ -418,12 +415,12 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         if ddp.main:
             report_selection(val_sel, selected_on, console)
         val_indices = val_sel.indices
-    elif holdout is not None and ddp.main:
-        console.print(f"validation: {len(holdout)} of the {len(train_sel.indices)} training videos held out "
-                      f"({config.val_fraction:g} per class, seed {config.seed}), never trained on")
         if not val_indices:
             raise ValueError(f"val_split {selected_on!r} has no usable video in {cache}; name another split, "
                              f"or use --val-split {VAL_HOLDOUT} or {VAL_LAST}")
+    elif holdout is not None and ddp.main:
+        console.print(f"validation: {len(holdout)} of the {len(train_sel.indices)} training videos held out "
+                      f"({config.val_fraction:g} per class, seed {config.seed}), never trained on")
     if val_indices and ddp.main:
         val_ds = ClipDataset(info, val_indices, mode="eval", clips=1, crops=1, **data_kw)
         val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
@@ -481,14 +478,15 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
     torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
     task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=run.steps_per_epoch, rate=0.0, loss=0.0)
     totals = EpochTotals()
-    revs: list[torch.Tensor] = []  # this epoch's rev values on rank 0 (TensorBoard histogram)
+    revs: list[torch.Tensor] = []  # this epoch's rev values, on the device (TensorBoard histogram on rank 0)
+    rev_stats = torch.zeros(2, device=device)  # sum of rev, clips with rev < alpha: read once per epoch
     t0 = time.perf_counter()
     for batch in run.loader:
         rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=run.info.flow_bound)
         labels = batch["label"].to(device)
         targets = batch["target"].to(device) if "target" in batch else None
         with autocast_context(device, config.amp):
-            logits, _rev, rev_logit = run.model(rgb, flow, audio, rev_logit=True)
+            logits, rev, rev_logit = run.model(rgb, flow, audio, rev_logit=True)
         loss, ce, bce = loss_terms(logits, rev_logit, labels, targets, config)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -497,14 +495,11 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
         run.optimizer.step()
         run.scheduler.step()
         run.step += 1
-        rev_sum, dropped = 0.0, 0.0
         if rev is not None:
             rev_f = rev.detach().float()
-            rev_sum, dropped = rev_f.sum().item(), (rev_f < run.raw_model.relevance_threshold).sum().item()
-            if ddp.main:
-                revs.append(rev_f.cpu())
-        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0],
-                   rev_sum, dropped)
+            rev_stats += torch.stack([rev_f.sum(), (rev_f < run.raw_model.relevance_threshold).sum()])
+            revs.append(rev_f)
+        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0])
         rate = totals.clips * ddp.world / max(time.perf_counter() - t0, 1e-9)
         progress.update(task, advance=1, rate=rate, loss=loss.item())
         if ddp.main and run.step % config.log_every == 0:
@@ -514,8 +509,9 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
             _append_metric(run.out / METRICS_NAME, rec)
             run.events.record(rec)
     seconds = time.perf_counter() - t0
+    totals.rev, totals.dropped = rev_stats.tolist()
     if ddp.main and revs:
-        run.events.histogram("epoch/rev", torch.cat(revs), run.step)
+        run.events.histogram("epoch/rev", torch.cat(revs).cpu(), run.step)
     return totals.all_sum(ddp, device), seconds
 
 

@@ -77,7 +77,7 @@ def test_a_loader_built_once_gives_every_epoch_its_own_clips(cache):
 
 
 def test_resume_with_persistent_workers_ends_with_same_weights(cache, tmp_path):
-    cfg = tiny_config(epochs=2, fusion="gmu", val_split="none", num_workers=2)
+    cfg = tiny_config(epochs=2, fusion="gmu", val_split="last", num_workers=2)
     full = train(cache=cache, out=tmp_path / "full", config=cfg, show_progress=False)
     train(cache=cache, out=tmp_path / "part", config=cfg, show_progress=False, stop_after_epoch=0)
     resumed = train(cache=cache, out=tmp_path / "part", resume=True, show_progress=False)

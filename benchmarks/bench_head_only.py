@@ -148,7 +148,7 @@ def main() -> None:
     print(f"synthetic cache ready in {time.perf_counter() - t0:.1f} s: {TRAIN + TEST} videos")
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, threads=args.threads, device="cpu",
-                         val_split="none")
+                         val_split="last")
     steps = (TRAIN // args.batch_size) * args.epochs
     gflops_before = matmul_gflops()
     t0, c0 = time.perf_counter(), time.process_time()

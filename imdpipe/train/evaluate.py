@@ -143,6 +143,22 @@ def selected_on_of(ckpt: dict, path: Path, splits: set[str]) -> str:
     return "train-loss" if legacy == "none" else str(legacy)
 
 
+def check_selection(ckpt: dict, ckpt_path: Path, split: str, splits: set[str], allow: bool,
+                    console) -> tuple[str, bool]:
+    """``(selected_on, leak)``: refuses a checkpoint selected on ``split`` unless ``allow``."""
+    selected_on = selected_on_of(ckpt, ckpt_path, splits)
+    leak = selected_on == split
+    if leak and not allow:
+        raise ValueError(f"{ckpt_path} was selected on split {split!r} (the epoch with the best top-1 there); "
+                         f"scoring it on {split!r} reports a number chosen on the data it reports. Score "
+                         f"--checkpoint last, retrain with --val-split holdout (the default), or pass "
+                         f"--allow-selection-leak to score it anyway (metrics.json then says so).")
+    if leak:
+        console.print(f"[yellow]warning:[/yellow] {ckpt_path.name} was selected on {split!r}, the split scored "
+                      f"here: this number is optimistic (selection_leak: true in metrics.json)")
+    return selected_on, leak
+
+
 def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: int = 3, clips: int = 4,
              ground_truth: str | Path | None = None, checkpoint: str = "best", batch_size: int | None = None,
              num_workers: int | None = None, device: str | None = None, out: str | Path | None = None,
@@ -180,7 +196,10 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
 
         res, manifest, sel, alpha = evaluate_cached(ckpt, cache, split=split, clips=clips, crops=crops,
                                                     device=device, console=console)
+        selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in manifest.records},
+                                            allow_selection_leak, console)
         return _write_metrics(res, ckpt, ckpt_path, config, manifest=manifest, sel=sel, alpha=alpha, cache=cache,
+                              selected_on=selected_on, leak=leak,
                               split=split, clips=clips, crops=crops, ground_truth=ground_truth, run=run, out=out,
                               console=console)
     info = open_cache(cache, audio=config.uses_audio, relevance=False)
@@ -191,16 +210,8 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
                            "provenance) or evaluate another run.")
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    selected_on = selected_on_of(ckpt, ckpt_path, {r.split for r in info.manifest.records})
-    leak = selected_on == split
-    if leak and not allow_selection_leak:
-        raise ValueError(f"{ckpt_path} was selected on split {split!r} (the epoch with the best top-1 there); "
-                         f"scoring it on {split!r} reports a number chosen on the data it reports. Score "
-                         f"--checkpoint last, retrain with --val-split holdout (the default), or pass "
-                         f"--allow-selection-leak to score it anyway (metrics.json then says so).")
-    if leak:
-        console.print(f"[yellow]warning:[/yellow] {ckpt_path.name} was selected on {split!r}, the split scored "
-                      f"here: this number is optimistic (selection_leak: true in metrics.json)")
+    selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in info.manifest.records},
+                                        allow_selection_leak, console)
     sel = select_videos(info, split)
     report_selection(sel, split, console)
     if not sel.indices:
@@ -217,11 +228,13 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         res = score_views(model, loader, modalities=config.modalities, device=dev, amp=config.amp,
                           flow_bound=info.flow_bound, progress=progress, task=task)
     return _write_metrics(res, ckpt, ckpt_path, config, manifest=info.manifest, sel=sel,
+                          selected_on=selected_on, leak=leak,
                           alpha=model.relevance_threshold, cache=cache, split=split, clips=clips, crops=crops,
                           ground_truth=ground_truth, run=run, out=out, console=console)
 
 
 def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, *, manifest, sel, alpha: float,
+                   selected_on: str, leak: bool,
                    cache: Path, split: str, clips: int, crops: int, ground_truth, run, out, console) -> dict:
     """metrics.json and the confusion matrix from per-video scores (``score_views``' dict)."""
     labels = list(ckpt["labels"])

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from imdpipe.contract import AST_WINDOW_S, AUDIO, FRAMES, RELEVANCE
 from imdpipe.pipeline.manifest import Manifest, read_manifest
 from imdpipe.pipeline.store import StageStore
-from imdpipe.train.config import TrainConfig, save_config
+from imdpipe.train.config import VAL_HOLDOUT, VAL_LAST, TrainConfig, save_config
 from imdpipe.train.data import (
     Selection,
     _check_integrity,
@@ -53,8 +53,8 @@ from imdpipe.train.loop import (
     _write_metrics,
     build_optimizer,
     loss_terms,
-    lr_factor,
     resolve_val_split,
+    schedule,
 )
 from imdpipe.train.runtime import (
     CHECKPOINT_BEST,
@@ -273,10 +273,7 @@ def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, de
     steps_per_epoch = n // bs
     if steps_per_epoch == 0:
         raise ValueError(f"{n} training videos do not fill one batch of {bs}; lower --batch-size")
-    total = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=total, warmup=warmup, min_ratio=config.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, steps_per_epoch))
     uses_audio, uses_rel = config.uses_audio, config.uses_relevance
     labels_all = torch.from_numpy(data.label)
     Vt = data.train_v.shape[1]
@@ -391,12 +388,14 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
     report_selection(train_sel, config.train_split, console)
     if not train_sel.indices:
         raise ValueError(f"no usable training videos in {cache} (split {config.train_split!r})")
-    val_split = resolve_val_split(config.val_split, splits, config.train_split)
-    val_idx = None
-    if val_split is not None:
-        val_sel = select(data, val_split, stores=stores)
-        report_selection(val_sel, val_split, console)
+    train_idx, val_idx, selected_on = resolve_val_split(config, data.manifest, train_sel.indices)
+    if selected_on not in (VAL_HOLDOUT, VAL_LAST):  # a named split
+        val_sel = select(data, selected_on, stores=stores)
+        report_selection(val_sel, selected_on, console)
         val_idx = val_sel.indices
+    selection = {"val_split": config.val_split, "selected_on": selected_on,
+                 "val_fraction": config.val_fraction if selected_on == VAL_HOLDOUT else None,
+                 "val_videos": len(val_idx or [])}
     model_cfg = head_config(config, data)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_NAME)
@@ -404,7 +403,7 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
     streams = {"visual_store": str(data.visual_path.resolve()),
                "streams_sha256": data.visual_settings["streams_sha256"], "source": data.visual_attrs.get("streams")}
     console.print(f"head-only training of {model_cfg.fusion} on cached {', '.join(model_cfg.modalities)} "
-                  f"embeddings: {len(train_sel.indices)} videos, {len(data.labels)} classes, "
+                  f"embeddings: {len(train_idx)} videos, {len(data.labels)} classes, "
                   f"{config.epochs} epochs, batch {config.batch_size}, {device.type}")
     best: dict | None = None
     written = 0
@@ -414,32 +413,33 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
         for r in history[written:]:
             _append_metric(out / METRICS_NAME, r)
         written = len(history)
-        key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (-rec["train_loss"],)
-        improved = best is None or tuple(key) > tuple(best["key"])
+        key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (rec["epoch"],)
+        improved = best is None or tuple(key) > tuple(best["key"])  # no validation: the last epoch
         if improved:
             best = {"key": list(key), "epoch": rec["epoch"], "val_top1": rec["val_top1"],
                     "train_loss": rec["train_loss"]}
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_states(), "epoch": rec["epoch"], "step": rec["step"], "best": best,
                  "config": config.to_dict(), "model_config": _model_config_dict(model_cfg),
-                 "provenance": data.provenance, "labels": list(data.labels), "metrics": rec, "streams": streams}
+                 "provenance": data.provenance, "labels": list(data.labels), "metrics": rec, "streams": streams,
+                 "selection": selection}
         save_checkpoint(state, out / CHECKPOINT_LAST)
         if improved:
             save_checkpoint(state, out / CHECKPOINT_BEST)
 
-    steps = (len(train_sel.indices) // config.batch_size) * config.batch_size * config.epochs
+    steps = (len(train_idx) // config.batch_size) * config.batch_size * config.epochs
     with Progress(TextColumn("[bold]head-only"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as bar:
         task = bar.add_task("head-only", total=steps)
         t0 = time.perf_counter()
-        model, history = fit_head(data, config, train_idx=train_sel.indices, val_idx=val_idx, device=device,
+        model, history = fit_head(data, config, train_idx=train_idx, val_idx=val_idx, device=device,
                                   on_epoch=on_epoch, progress=lambda b: bar.advance(task, b))
         train_seconds = time.perf_counter() - t0
     _write_curves(history, out / CURVES_NAME)
     last = [r for r in history if r["kind"] == "epoch"][-1]
     summary = {
         "run": str(out), "epochs_done": config.epochs, "epochs": config.epochs, "steps": last["step"],
-        "train_videos": len(train_sel.indices), "left_out": train_sel.n_left_out,
+        "train_videos": len(train_idx), "left_out": train_sel.n_left_out,
         "final_train_loss": last["train_loss"], "final_train_top1": last["train_top1"],
         "best_epoch": best["epoch"], "best_val_top1": best["val_top1"],
         "clips_per_s": steps / train_seconds if train_seconds else None,

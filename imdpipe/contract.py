@@ -44,7 +44,8 @@ class Store:
         return Path(cache) / self.name
 
 
-FRAMES = Store("frames.zarr", "flow", "imdpipe extract-flow", ("rgb", "flow", "frame_index", "n_frames", "repeated"))
+FRAMES = Store("frames.zarr", "flow", "imdpipe extract-flow",
+               ("rgb", "flow", "frame_index", "n_frames", "repeated", "rotation"))
 AUDIO = Store("audio.zarr", "audio", "imdpipe extract-audio", ("embedding", "logits", "window_start_s", "has_audio"))
 SAVLD = Store("savld.zarr", "savld", "imdpipe build-savld",
               ("similarity", "topk_index", "topk_score", "lift", "frequency", "base_frequency"),

@@ -130,8 +130,9 @@ class FlowSettings:
     def to_store(self) -> dict:
         """The settings recorded in ``frames.zarr`` (only the parameters of the chosen backend)."""
         out: dict[str, Any] = {"frames": self.frames, "size": list(self.size), "backend": self.backend,
-                               "decoder": "pyav", "resize": "cv2.INTER_AREA",
-                               "positions": "segment-centres", "chunk": "one position of one video"}
+                               "decoder": "pyav", "orientation": "display matrix applied",
+                               "resize": "cv2.INTER_AREA", "positions": "segment-centres",
+                               "chunk": "one position of one video"}
         for name in ("rgb", "flow"):
             codec = getattr(self, f"{name}_codec")
             out[f"{name}_codec"] = codec
@@ -213,6 +214,7 @@ class DecodedVideo:
     n_frames: int
     frame_index: np.ndarray  # (T,) int32
     images: dict[int, np.ndarray] = field(repr=False)  # source index -> (H, W, 3) uint8 RGB, store size
+    rotation: int = 0  # degrees clockwise the frames were turned to stand upright (display matrix)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -238,9 +240,12 @@ def decode_video_frames(path: str | Path, size: tuple[int, int], *, frames: int 
                         threads: int = 0) -> DecodedVideo:
     """Decode a video once with PyAV, keeping the sampled frames and their flow partners.
 
-    The positions come from the container's frame count; if decoding yields another count (a
-    lying header or a corrupt tail) they are resampled for the true count, with a second pass
-    only when frames it needs were not kept.
+    The positions come from the container's frame count; if decoding ends cleanly with another
+    count (a lying header) they are resampled for the true count, with a second pass only when
+    frames it needs were not kept. Decoding that stops with an error before the container's count
+    (a damaged stream) is an error when it loses more than
+    :data:`~imdpipe.pipeline.media.MAX_LOST_FRAMES` of the frames. Frames are turned upright by the
+    stream's display matrix (phone clips), then resized (both in :func:`decode_frames`).
 
     Args:
         path: the video file.
@@ -249,21 +254,23 @@ def decode_video_frames(path: str | Path, size: tuple[int, int], *, frames: int 
         threads: decoder threads (0 = FFmpeg's choice; 1 inside pool workers).
 
     Raises:
-        VideoError: unreadable file, no video stream, or fewer than 2 frames.
+        VideoError: unreadable file, no video stream, fewer than 2 frames, or a stream that stops
+            decoding well before the container's frame count.
     """
     path = Path(path)
     hint = max(_frame_count_hint(path), 2)
     positions, wanted = _wanted(hint, frames)
-    images, n = decode_frames(path, wanted, size, threads=threads)
+    images, n, rotation = decode_frames(path, wanted, size, threads=threads, expected=hint)
     if n < 2:
         raise VideoError(f"{path} has {n} decodable frame(s); optical flow needs at least 2")
     if n != hint:
         positions, wanted = _wanted(n, frames)
         if not wanted <= images.keys():
-            images, n2 = decode_frames(path, wanted, size, threads=threads)
+            images, n2, _ = decode_frames(path, wanted, size, threads=threads)
             if n2 != n:
                 raise VideoError(f"{path}: the frame count changes between decode passes ({n} then {n2})")
-    return DecodedVideo(n_frames=n, frame_index=positions, images={i: images[i] for i in sorted(wanted)})
+    return DecodedVideo(n_frames=n, frame_index=positions, images={i: images[i] for i in sorted(wanted)},
+                        rotation=rotation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +438,8 @@ def _assemble(video: DecodedVideo, pair_codes: dict[tuple[int, int], np.ndarray]
     flows = np.stack([pair_codes[flow_pair(int(p), video.n_frames)] for p in video.frame_index])
     return {"rgb": video.rgb, "flow": flows,
             "frame_index": video.frame_index.astype(np.int32), "n_frames": np.int32(video.n_frames),
-            "repeated": np.bool_(len(np.unique(video.frame_index)) < len(video.frame_index))}
+            "repeated": np.bool_(len(np.unique(video.frame_index)) < len(video.frame_index)),
+            "rotation": np.int16(video.rotation)}
 
 
 def flow_for_video(video: DecodedVideo, settings: FlowSettings, *, device="cpu", raft_model=None) -> dict:
@@ -458,7 +466,8 @@ def extract_video(path: str | Path, settings: FlowSettings, *, device="cpu", raf
 
     Returns:
         ``rgb`` (T, H, W, 3) uint8, ``flow`` (T, H, W, 2) uint8 (quantized), ``frame_index`` (T,)
-        int32, ``n_frames`` int32 (decoded frames) and ``repeated`` bool (positions repeat).
+        int32, ``n_frames`` int32 (decoded frames), ``repeated`` bool (positions repeat) and
+        ``rotation`` int16 (clockwise degrees the frames were turned upright).
     """
     video = decode_video_frames(path, settings.size, frames=settings.frames, threads=threads)
     return flow_for_video(video, settings, device=device, raft_model=raft_model)
@@ -710,6 +719,9 @@ def store_arrays(settings: FlowSettings) -> list:
         ArraySpec("n_frames", (), "int32", (), fill_value=0, attrs={"meaning": "frames decoded from the video"}),
         ArraySpec("repeated", (), "bool", (), fill_value=False,
                   attrs={"meaning": "True when the video has fewer frames than T, so positions repeat"}),
+        ArraySpec("rotation", (), "int16", (), fill_value=0,
+                  attrs={"meaning": "degrees clockwise the decoded frames were turned to stand upright "
+                                    "(the stream's display matrix, e.g. 90 for a portrait phone clip)"}),
     ]
 
 

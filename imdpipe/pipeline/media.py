@@ -4,8 +4,9 @@
   the fix;
 * :func:`frame_rate` (the one fps rule: the stream's rate, else frames / duration),
   :func:`duration`, :func:`frame_count`, :func:`probe_fps`;
-* :func:`decode_frames` (RGB frames, resized, one pass) and :func:`decode_audio_track` (a mono
-  waveform on the container's timeline);
+* :func:`decode_frames` (RGB frames turned upright by the display matrix and resized, one pass;
+  a stream that stops well before the container's frame count is an error) and
+  :func:`decode_audio_track` (a mono waveform on the container's timeline);
 * :func:`write_mp4`: H.264 + AAC files for the synthetic data and the tests.
 
 The index, flow and audio stages and ``predict`` all read videos through these.
@@ -98,32 +99,58 @@ def probe_fps(path: str | Path) -> float:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
-def decode_frames(path: str | Path, wanted: set[int], size: tuple[int, int], *,
-                  threads: int = 0) -> tuple[dict[int, np.ndarray], int]:
-    """Decode every frame once, keeping the ``wanted`` ones as RGB resized to ``size`` (H, W)
-    with ``cv2.INTER_AREA``. Returns ``(images, frames decoded)``; a corrupt tail ends the pass
-    with the frames decoded so far (at least 2, else :class:`VideoError`)."""
+#: Frames a decode that stops with an error may lose against the container's count and still be
+#: used (2%, at least 1: a damaged last frame); more is a per-video error, never a shortened clip.
+MAX_LOST_FRAMES = 0.02
+
+
+def upright_turns(rotation: float) -> int:
+    """Quarter turns (``np.rot90``'s ``k``, counterclockwise) that stand a frame upright, from PyAV's
+    ``VideoFrame.rotation`` (the display matrix's counterclockwise angle; -90 for most portrait phone
+    clips)."""
+    return int(round(rotation / 90)) % 4
+
+
+def decode_frames(path: str | Path, wanted: set[int], size: tuple[int, int], *, threads: int = 0,
+                  expected: int = 0) -> tuple[dict[int, np.ndarray], int, int]:
+    """Decode every frame once, keeping the ``wanted`` ones as RGB turned upright by the stream's
+    display matrix (phone clips), then resized to ``size`` (H, W) with ``cv2.INTER_AREA``.
+
+    Returns ``(images, frames decoded, rotation)``, ``rotation`` the clockwise degrees the frames
+    were turned (0, 90, 180 or 270). A stream that stops with a decode error ends the pass with the
+    frames decoded so far, unless that loses more than :data:`MAX_LOST_FRAMES` of the ``expected``
+    (container) count: then, as for fewer than 2 frames, a :class:`VideoError` naming both counts.
+    """
     h, w = size
     images: dict[int, np.ndarray] = {}
-    n = 0
+    n, turns = 0, 0
     with open_video(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "SLICE" if threads == 1 else "AUTO"
         stream.thread_count = threads
         try:
             for frame in container.decode(stream):
+                if n == 0:
+                    turns = upright_turns(getattr(frame, "rotation", 0) or 0)
                 if n in wanted:
                     rgb = frame.to_ndarray(format="rgb24")
+                    if turns:
+                        rgb = np.ascontiguousarray(np.rot90(rgb, k=turns))
                     if rgb.shape[:2] != (h, w):
                         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
                     images[n] = np.ascontiguousarray(rgb)
                 n += 1
-        except Exception as e:  # noqa: BLE001 - report, keep going
+        except Exception as e:  # noqa: BLE001 - keep what was decoded when little is lost
             if n < 2:
                 raise VideoError(f"cannot decode {path}: {e}. Re-encode the file or remove it from the "
                                  f"manifest.") from None
-            # a corrupt tail: keep the frames decoded so far (positions are resampled for them)
-    return images, n
+            if expected - n > max(1, int(MAX_LOST_FRAMES * expected)):
+                raise VideoError(f"{path}: decoded only {n} of the {expected} frames the container records; "
+                                 f"decoding stopped with {type(e).__name__}: {e}. The stream is damaged from "
+                                 f"frame {n} on: re-download or re-encode the file, or remove it from the "
+                                 f"manifest.") from None
+            # a damaged last frame or two: keep the frames decoded so far (positions are resampled)
+    return images, n, (-90 * turns) % 360
 
 
 def decode_audio_track(path: str | Path, sample_rate: int) -> tuple[np.ndarray, bool, float]:

@@ -587,10 +587,15 @@ class ShardClaim:
         except BlockingIOError:
             f.close()
             return False
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} host {socket.gethostname()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
-        f.flush()
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} host {socket.gethostname()} since "
+                    f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+            f.flush()
+        except OSError:  # a full disk: the claim must not outlive the error (a rerun would wait on it)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+            raise
         self._f = f
         return True
 

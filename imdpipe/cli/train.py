@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from imdpipe.cli.options import CacheOpt, cli_errors
-from imdpipe.train.config import FIELD_HELP, RECIPE_FIELDS, TrainConfig
+from imdpipe.train.config import DEFAULT_DIST_TIMEOUT_MIN, FIELD_HELP, RECIPE_FIELDS, TrainConfig
 
 _FIELDS = [f for f in fields(TrainConfig) if f.name in FIELD_HELP]
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -169,15 +169,23 @@ def evaluate_cmd(
     allow_selection_leak: Annotated[bool, typer.Option(
         "--allow-selection-leak", help="Score a checkpoint that was selected on the split scored here (refused "
                                        "otherwise; metrics.json then records selection_leak: true).")] = False,
+    dist_timeout: Annotated[float, typer.Option(
+        "--dist-timeout", min=0.01, help="Under torchrun: minutes a collective waits for the slowest process "
+                                          "(ours; NCCL's own default: 10).")] = DEFAULT_DIST_TIMEOUT_MIN,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Score a trained run on a split with multi-view testing; write metrics.json and confusion.png."""
+    """Score a trained run on a split with multi-view testing; write metrics.json and confusion.png.
+
+    Under torchrun (`torchrun --nproc_per_node 8 -m imdpipe evaluate ...`) every process scores a
+    contiguous part of the split and rank 0 writes the files (metrics.json records world_size and
+    videos_per_rank).
+    """
     from imdpipe.train.evaluate import evaluate
 
     with cli_errors():
         evaluate(run=run, cache=cache, split=split, crops=crops, clips=clips, ground_truth=ground_truth,
                  checkpoint=checkpoint, batch_size=batch_size, num_workers=num_workers, device=device, out=out,
-                 allow_selection_leak=allow_selection_leak, show_progress=not quiet)
+                 allow_selection_leak=allow_selection_leak, dist_timeout=dist_timeout, show_progress=not quiet)
 
 
 def predict_cmd(

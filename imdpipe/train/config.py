@@ -49,6 +49,9 @@ LEGACY_VAL_SPLITS = {
     "none": "'none' chose checkpoint-best.pt by the lowest training loss; use 'last' (no selection)",
 }
 
+#: Minutes a collective waits for the slowest process under torchrun (ours; NCCL's own default is 10).
+DEFAULT_DIST_TIMEOUT_MIN = 30.0
+
 #: The clip span of TimeSformer's 8x32 sampling: 8 frames over 8 x 32 frames at its 30 fps reference.
 TIMESFORMER_CLIP_SECONDS = 8 * 32 / 30
 
@@ -155,6 +158,8 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "DataLoader worker processes per training process (ours): -1 = the CPU cores / LOCAL_WORLD_SIZE, "
                    "0 = the main process; persistent, one thread each",
     "threads": "torch CPU threads per process, 0 = leave torch's default",
+    "dist_timeout": "minutes a collective (all-reduce, barrier) under torchrun waits for the slowest process before "
+                    "the run fails, e.g. while rank 0 writes a checkpoint (ours: 30; NCCL's own default: 10)",
     "seed": "random seed (data order, augmentation, init, the validation hold-out)",
     "log_every": "steps between metric lines in metrics.jsonl",
     "eval_batch_size": "videos per forward pass when scoring the validation split",
@@ -260,6 +265,7 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = -1
     threads: int = 0
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_MIN
     seed: int = 0
     log_every: int = 10
     eval_batch_size: int = 4
@@ -300,6 +306,8 @@ class TrainConfig:
                 raise ValueError(f"{name} should be >= 0, got {getattr(self, name)}")
         if self.flow_scale is not None and self.flow_scale <= 0:
             raise ValueError(f"flow_scale should be > 0, got {self.flow_scale}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout should be > 0 minutes, got {self.dist_timeout}")
         if self.num_workers < -1 or self.threads < 0:
             raise ValueError("num_workers should be >= -1 (-1 = auto) and threads >= 0")
         if self.from_scratch and self.init_checkpoint:

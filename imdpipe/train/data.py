@@ -24,6 +24,7 @@ each process opens the stores itself on first use.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -257,12 +258,14 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def loader_kwargs(workers: int, *, pin_memory: bool = False, prefetch: int = 4) -> dict:
-    """DataLoader keywords for a loader built once per run: persistent workers (started once, not
-    per epoch), ``prefetch`` batches queued per worker, one thread per worker."""
+def loader_kwargs(workers: int, *, pin_memory: bool = False, prefetch: int = 4, persistent: bool = True) -> dict:
+    """DataLoader keywords: ``prefetch`` batches queued per worker, one thread per worker, and for a
+    loader built once per run (``persistent``) workers started once, not per epoch. A scoring
+    loader (validation, evaluate) passes ``persistent=False``: its workers exit between passes
+    instead of idling beside the training loader's."""
     if workers == 0:
         return {"num_workers": 0, "pin_memory": pin_memory}
-    return {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": True,
+    return {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": persistent,
             "prefetch_factor": prefetch, "worker_init_fn": worker_init}
 
 
@@ -419,6 +422,12 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
 
+@functools.cache
+def _rgb_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std (x255) on ``device``: sent there once per process, not once per batch."""
+    return _MEAN.to(device), _STD.to(device)
+
+
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """uint8 ``(t, h, w, c)`` -> ``(t, size, size, c)`` with OpenCV (area when shrinking, bilinear else)."""
     t, h, w, c = frames.shape
@@ -457,7 +466,7 @@ def crop_flow(flow: np.ndarray, size: int, flip: bool) -> tuple[torch.Tensor, to
 
 def normalize_rgb(x: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., 3, H, W)`` -> float, ImageNet mean/std normalized."""
-    mean, std = _MEAN.to(x.device), _STD.to(x.device)
+    mean, std = _rgb_stats(x.device)
     return (x.float() - mean) / std
 
 
@@ -482,7 +491,9 @@ def prepare_inputs(batch: dict, modalities, device: torch.device, *, flow_bound:
                    flatten_views: bool = False):
     """A collated batch -> ``(rgb, flow, audio)`` float tensors on ``device`` (None when unused).
 
-    Eval batches ``(B, V, ...)`` are flattened to ``(B * V, ...)`` when ``flatten_views``.
+    Eval batches ``(B, V, ...)`` are flattened to ``(B * V, ...)`` when ``flatten_views``. The
+    copies are asynchronous (``non_blocking``: from the loader's pinned memory on CUDA, the host
+    goes on queuing work) and the normalization constants live on the device.
     """
     def get(key):
         x = batch.get(key) if key in modalities else None
@@ -495,7 +506,7 @@ def prepare_inputs(batch: dict, modalities, device: torch.device, *, flow_bound:
     if rgb is not None:
         rgb = normalize_rgb(rgb)
     if flow is not None:
-        scale = batch["flow_scale"].to(device)
+        scale = batch["flow_scale"].to(device, non_blocking=True)
         flow = flow_pixels(flow, scale.flatten(0, 1) if flatten_views else scale, flow_bound)
     if audio is not None:
         audio = audio.float()

@@ -17,6 +17,11 @@ writes ``ground_truth.csv``), the ROC AUC of rev against it (a video's rev = mea
   ``allow_selection_leak`` let a checkpoint selected on the scored split through.
 * ``videos``: per scored video, as columns ``video_id``, ``label`` and ``predicted`` (class
   indices into ``labels``), e.g. to bootstrap intervals over the test videos.
+* ``world_size``: processes that scored; ``videos_per_rank``: videos each scored, in rank order.
+
+Under torchrun (``torchrun --nproc_per_node N -m imdpipe evaluate ...``) every process scores a
+contiguous part of the split (:meth:`~imdpipe.train.runtime.Dist.part`), rank 0 gathers the
+per-video results in rank order (the order of one process) and alone writes and prints.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from imdpipe.contract import FLOW_BOUND, GROUND_TRUTH_NAME, video_path
-from imdpipe.train.config import VAL_LAST, TrainConfig
+from imdpipe.train.config import DEFAULT_DIST_TIMEOUT_MIN, VAL_LAST, TrainConfig
 from imdpipe.train.data import (
     ClipDataset,
     compare_provenance,
+    loader_kwargs,
     loader_workers,
     open_cache,
     prepare_inputs,
@@ -42,11 +48,12 @@ from imdpipe.train.data import (
 )
 from imdpipe.train.runtime import (
     CHECKPOINT_LAST,
+    Dist,
     autocast_context,
+    init_distributed,
     load_checkpoint,
     model_from_checkpoint,
     run_dir_checkpoint,
-    select_device,
 )
 
 
@@ -162,8 +169,14 @@ def check_selection(ckpt: dict, ckpt_path: Path, split: str, splits: set[str], a
 def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: int = 3, clips: int = 4,
              ground_truth: str | Path | None = None, checkpoint: str = "best", batch_size: int | None = None,
              num_workers: int | None = None, device: str | None = None, out: str | Path | None = None,
-             allow_selection_leak: bool = False, console=None, show_progress: bool = True) -> dict:
+             allow_selection_leak: bool = False, dist_timeout: float = DEFAULT_DIST_TIMEOUT_MIN, console=None,
+             show_progress: bool = True) -> dict | None:
     """Score a run's checkpoint on one split of a cache and write metrics.json + a confusion matrix.
+
+    Under torchrun every process calls this and scores its contiguous part of the split; rank 0
+    gathers the per-video results, writes the files and returns the metrics, the other ranks
+    return None. A head-only run (scored from cached view embeddings, seconds of work) is scored
+    by rank 0 alone while the other ranks wait at a barrier.
 
     Args:
         run: the run directory (or a checkpoint file).
@@ -180,9 +193,9 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
         allow_selection_leak: score a checkpoint that was selected on ``split`` anyway (refused
             otherwise: the number would be chosen on the data it reports); metrics.json then
             says ``selection_leak: true``.
+        dist_timeout: minutes a collective waits for the slowest process under torchrun.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
     if crops < 1 or clips < 1:
@@ -190,18 +203,44 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     ckpt_path = run_dir_checkpoint(run, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     config = TrainConfig.from_dict(ckpt["config"])
-    cache = Path(cache)
-    if ckpt.get("streams") is not None:  # a head trained on cached visual embeddings: score the cached views
-        from imdpipe.train.head_only import evaluate_cached
+    ddp, dev = init_distributed(device or config.device, timeout_min=dist_timeout)
+    try:
+        kw = dict(run=run, cache=Path(cache), split=split, crops=crops, clips=clips, ground_truth=ground_truth,
+                  out=out, allow_selection_leak=allow_selection_leak,
+                  console=console if ddp.main else Console(quiet=True))
+        if ckpt.get("streams") is None:
+            return _evaluate(ckpt, ckpt_path, config, ddp=ddp, device=dev, batch_size=batch_size,
+                             num_workers=num_workers, show_progress=show_progress and ddp.main, **kw)
+        metrics = None
+        if ddp.main:
+            metrics = _evaluate_head_only(ckpt, ckpt_path, config, device=device, world=ddp.world, **kw)
+        ddp.barrier()
+        return metrics
+    finally:
+        ddp.close()
 
-        res, manifest, sel, alpha = evaluate_cached(ckpt, cache, split=split, clips=clips, crops=crops,
-                                                    device=device, console=console)
-        selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in manifest.records},
-                                            allow_selection_leak, console)
-        return _write_metrics(res, ckpt, ckpt_path, config, manifest=manifest, sel=sel, alpha=alpha, cache=cache,
-                              selected_on=selected_on, leak=leak,
-                              split=split, clips=clips, crops=crops, ground_truth=ground_truth, run=run, out=out,
-                              console=console)
+
+def _evaluate_head_only(ckpt: dict, ckpt_path: Path, config: TrainConfig, *, cache: Path, split: str, clips: int,
+                        crops: int, device: str | None, world: int, allow_selection_leak: bool, console,
+                        **write_kw) -> dict:
+    """A head trained on cached visual embeddings: score the cached views (one process)."""
+    from imdpipe.train.head_only import evaluate_cached
+
+    res, manifest, sel, alpha = evaluate_cached(ckpt, cache, split=split, clips=clips, crops=crops,
+                                                device=device, console=console)
+    selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in manifest.records},
+                                        allow_selection_leak, console)
+    return _write_metrics(res, ckpt, ckpt_path, config, manifest=manifest, sel=sel, alpha=alpha, cache=cache,
+                          selected_on=selected_on, leak=leak, split=split, clips=clips, crops=crops,
+                          videos_per_rank=[len(res["labels"])] + [0] * (world - 1), console=console, **write_kw)
+
+
+def _evaluate(ckpt: dict, ckpt_path: Path, config: TrainConfig, *, ddp: Dist, device: torch.device, run, cache: Path,
+              split: str, crops: int, clips: int, ground_truth, batch_size: int | None, num_workers: int | None, out,
+              allow_selection_leak: bool, console, show_progress: bool) -> dict | None:
+    """Score a full model's checkpoint: every process its part of the split, rank 0 writes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     info = open_cache(cache, audio=config.uses_audio, relevance=False)
     problems, notes = compare_provenance(ckpt["provenance"], info.provenance)
     if problems:
@@ -216,26 +255,40 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
     report_selection(sel, split, console)
     if not sel.indices:
         raise ValueError(f"no usable videos in split {split!r} of {cache}")
-    dev = select_device(device or config.device)
-    model = model_from_checkpoint(ckpt, dev)
-    ds = ClipDataset(info, sel.indices, mode="eval", clip=config.clip, modalities=config.modalities, relevance=False,
-                     clips=clips, crops=crops, seed=config.seed)
+    model = model_from_checkpoint(ckpt, device)
+    ds = ClipDataset(info, ddp.part(sel.indices), mode="eval", clip=config.clip, modalities=config.modalities,
+                     relevance=False, clips=clips, crops=crops, seed=config.seed)
+    workers = loader_workers(config.num_workers if num_workers is None else num_workers)
     loader = DataLoader(ds, batch_size=batch_size or config.eval_batch_size, shuffle=False,
-                        num_workers=loader_workers(config.num_workers if num_workers is None else num_workers))
+                        **loader_kwargs(min(workers, len(ds)), pin_memory=device.type == "cuda", persistent=False))
+    part = f", rank {ddp.rank}'s {len(ds)} of {len(sel.indices)} videos" if ddp.enabled else ""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as progress:
-        task = progress.add_task(f"evaluate {split} ({clips}x{crops} views)", total=len(ds))
-        res = score_views(model, loader, modalities=config.modalities, device=dev, amp=config.amp,
+        task = progress.add_task(f"evaluate {split} ({clips}x{crops} views{part})", total=len(ds))
+        res = score_views(model, loader, modalities=config.modalities, device=device, amp=config.amp,
                           flow_bound=info.flow_bound, progress=progress, task=task)
-    return _write_metrics(res, ckpt, ckpt_path, config, manifest=info.manifest, sel=sel,
+    parts = ddp.gather(res)
+    if not ddp.main:
+        return None
+    return _write_metrics(_concat(parts), ckpt, ckpt_path, config, manifest=info.manifest, sel=sel,
                           selected_on=selected_on, leak=leak,
                           alpha=model.relevance_threshold, cache=cache, split=split, clips=clips, crops=crops,
-                          ground_truth=ground_truth, run=run, out=out, console=console)
+                          ground_truth=ground_truth, run=run, out=out, console=console,
+                          videos_per_rank=[0 if r["labels"] is None else len(r["labels"]) for r in parts])
+
+
+def _concat(parts: list[dict]) -> dict:
+    """``score_views`` dicts of consecutive parts (rank order) -> the dict of the whole split."""
+    out = {}
+    for key in parts[0]:
+        pieces = [p[key] for p in parts if p[key] is not None]
+        out[key] = torch.cat(pieces) if pieces else None
+    return out
 
 
 def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, *, manifest, sel, alpha: float,
-                   selected_on: str, leak: bool,
-                   cache: Path, split: str, clips: int, crops: int, ground_truth, run, out, console) -> dict:
+                   selected_on: str, leak: bool, cache: Path, split: str, clips: int, crops: int, ground_truth, run,
+                   out, console, videos_per_rank: list[int]) -> dict:
     """metrics.json and the confusion matrix from per-video scores (``score_views``' dict)."""
     labels = list(ckpt["labels"])
     probs, y = res["probs"], res["labels"]
@@ -276,6 +329,7 @@ def _write_metrics(res: dict, ckpt: dict, ckpt_path: Path, config: TrainConfig, 
         "modalities": list(config.modalities),
         "videos": {"video_id": [manifest.records[int(i)].video_id for i in res["indices"]],
                    "label": y.tolist(), "predicted": pred.tolist()},
+        "world_size": len(videos_per_rank), "videos_per_rank": videos_per_rank,
     }
     out_dir = Path(out) if out else (ckpt_path.parent if Path(run).is_file() else Path(run))
     out_dir.mkdir(parents=True, exist_ok=True)

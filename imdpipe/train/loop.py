@@ -258,7 +258,7 @@ def train(*, cache: str | Path, out: str | Path, config: TrainConfig | None = No
                                   f"or choose another --out.")
     if config.threads:
         torch.set_num_threads(config.threads)
-    ddp, device = init_distributed(config.device)
+    ddp, device = init_distributed(config.device, timeout_min=config.dist_timeout)
     try:
         return _train(cache=Path(cache), out=out, config=config, ckpt=ckpt, console=console, ddp=ddp,
                       device=device, show_progress=show_progress and ddp.main, stop_after_epoch=stop_after_epoch)
@@ -268,7 +268,7 @@ def train(*, cache: str | Path, out: str | Path, config: TrainConfig | None = No
 
 @dataclass
 class EpochTotals:
-    """Sums over one epoch's training steps (per process until :meth:`all_sum`)."""
+    """Sums over one epoch's training steps, over every process (:meth:`StepSums.totals`)."""
 
     loss: float = 0.0  # sum over clips of the loss
     ce: float = 0.0
@@ -278,18 +278,63 @@ class EpochTotals:
     rev: float = 0.0  # sum of IMD's rev over clips
     dropped: float = 0.0  # clips with rev < alpha (their audio masked)
 
-    def add(self, loss: float, ce: float, bce: float, correct: float, n: int) -> None:
-        """One step's mean losses over ``n`` clips."""
-        self.loss += loss * n
-        self.ce += ce * n
-        self.bce += bce * n
-        self.correct += correct
-        self.clips += n
 
-    def all_sum(self, ddp: Dist, device: torch.device) -> EpochTotals:
-        """The totals over every process."""
-        return EpochTotals(*ddp.all_sum([self.loss, self.ce, self.bce, self.correct, self.clips, self.rev,
-                                         self.dropped], device))
+class StepSums:
+    """One process's running sums over an epoch's training steps, kept on the device.
+
+    A step adds its numbers without reading anything back: ``.item()`` makes the host wait until
+    the device has finished every queued kernel, which on CUDA drains the launch queue once per
+    call. The sums are read once per epoch (:meth:`totals`); the step records read their own
+    step's losses every ``log_every`` steps. The values equal host-side float64 accumulation of
+    the same numbers (``loss * n`` in float64, in step order).
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, ce x n, bce x n, correct
+        self.rev = torch.zeros(2, device=device)  # IMD: sum of rev, clips with rev < alpha (float32)
+        self.clips = 0  # the batch sizes are known on the host
+
+    def add(self, loss, ce, bce, logits, labels, rev, alpha: float) -> None:
+        """One step: mean losses over its ``len(labels)`` clips, their logits and IMD's rev (or None)."""
+        n = labels.shape[0]
+        self.sums += torch.stack([loss.detach().double() * n, ce.double() * n, bce.double() * n,
+                                  (logits.detach().argmax(-1) == labels).sum().double()])
+        self.clips += n
+        if rev is not None:
+            self.rev += torch.stack([rev.sum(), (rev < alpha).sum()])
+
+    def totals(self, ddp: Dist, device: torch.device) -> EpochTotals:
+        """The sums over every process: one all-reduce, one read."""
+        local = torch.cat([self.sums, self.sums.new_tensor([self.clips]), self.rev.double()])
+        return EpochTotals(*ddp.all_sum(local, device))
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, batch: dict, sums: StepSums, *, config: TrainConfig,
+               device: torch.device, flow_bound: float, raw_model: torch.nn.Module | None = None):
+    """One optimizer step on a collated batch, added to ``sums``; reads nothing back to the host.
+
+    Args:
+        model: what the forward runs (maybe DDP-wrapped or compiled); ``raw_model`` (default:
+            ``model``) holds the parameters clipped and IMD's threshold.
+
+    Returns:
+        ``(loss, ce, bce, rev)`` as detached device tensors (rev None without IMD).
+    """
+    raw_model = model if raw_model is None else raw_model
+    rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=flow_bound)
+    labels = batch["label"].to(device, non_blocking=True)
+    targets = batch["target"].to(device, non_blocking=True) if "target" in batch else None
+    with autocast_context(device, config.amp):
+        logits, rev, rev_logit = model(rgb, flow, audio, rev_logit=True)
+    loss, ce, bce = loss_terms(logits, rev_logit, labels, targets, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+    optimizer.step()
+    rev = rev.detach().float() if rev is not None else None
+    sums.add(loss, ce, bce, logits, labels, rev, raw_model.relevance_threshold)
+    return loss.detach(), ce, bce, rev
 
 
 @dataclass
@@ -311,7 +356,7 @@ class _Run:
     train_ds: ClipDataset
     sampler: DistributedSampler
     loader: DataLoader  # built once: persistent workers get each epoch through EpochSampler
-    val_loader: DataLoader | None
+    val_loader: DataLoader | None  # this process's part of the validation videos (Dist.part)
     per_rank: int
     steps_per_epoch: int
     start_epoch: int = 0
@@ -337,11 +382,12 @@ def _train(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
             rec = {"kind": "epoch", "epoch": epoch, "step": run.step, "train_loss": totals.loss / totals.clips,
                    "train_ce": totals.ce / totals.clips, "train_bce": totals.bce / totals.clips,
                    "train_top1": 100 * totals.correct / totals.clips, "lr": lr,
-                   "clips_per_s": totals.clips / seconds, "seconds": seconds, "val_top1": None, "val_loss": None}
+                   "clips_per_s": totals.clips / seconds, "seconds": seconds, "val_top1": None, "val_loss": None,
+                   "val_videos_per_rank": None}
             if run.config.uses_relevance:  # IMD: mean rev and the share of clips whose audio it masked
                 rec["rev_mean"], rec["audio_dropped"] = totals.rev / totals.clips, totals.dropped / totals.clips
             if run.val_loader is not None:
-                rec["val_top1"], rec["val_loss"] = _validate(run)
+                rec["val_top1"], rec["val_loss"], rec["val_videos_per_rank"] = _validate(run)
             if ddp.main:
                 _checkpoint(run, epoch, rec)
             ddp.barrier()
@@ -421,10 +467,11 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
     elif holdout is not None and ddp.main:
         console.print(f"validation: {len(holdout)} of the {len(train_sel.indices)} training videos held out "
                       f"({config.val_fraction:g} per class, seed {config.seed}), never trained on")
-    if val_indices and ddp.main:
-        val_ds = ClipDataset(info, val_indices, mode="eval", clips=1, crops=1, **data_kw)
-        val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
-                                num_workers=min(loader_workers(config.num_workers), 1))
+    if val_indices:  # every process scores its contiguous part; the counts are summed (_validate)
+        val_ds = ClipDataset(info, ddp.part(val_indices), mode="eval", clips=1, crops=1, **data_kw)
+        val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False, **loader_kwargs(
+            min(loader_workers(config.num_workers), len(val_ds)), pin_memory=device.type == "cuda",
+            persistent=False))
 
     seed_everything(config.seed)
     model_cfg = config.model_config(num_classes=len(info.labels), audio_dim=info.audio_dim, flow_bound=info.flow_bound)
@@ -477,50 +524,61 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[EpochTotals, float]:
     run.sampler.set_epoch(epoch)  # the loader's EpochSampler hands this epoch to the workers with each index
     torch.manual_seed(derived_seed(config.seed, epoch, ddp.rank))  # dropout etc.: exact on resume
     task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=run.steps_per_epoch, rate=0.0, loss=0.0)
-    totals = EpochTotals()
+    sums = StepSums(device)
     revs: list[torch.Tensor] = []  # this epoch's rev values, on the device (TensorBoard histogram on rank 0)
-    rev_stats = torch.zeros(2, device=device)  # sum of rev, clips with rev < alpha: read once per epoch
     t0 = time.perf_counter()
     for batch in run.loader:
-        rgb, flow, audio = prepare_inputs(batch, config.modalities, device, flow_bound=run.info.flow_bound)
-        labels = batch["label"].to(device)
-        targets = batch["target"].to(device) if "target" in batch else None
-        with autocast_context(device, config.amp):
-            logits, rev, rev_logit = run.model(rgb, flow, audio, rev_logit=True)
-        loss, ce, bce = loss_terms(logits, rev_logit, labels, targets, config)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.grad_clip)
-        run.optimizer.step()
+        loss, ce, bce, rev = train_step(run.model, run.optimizer, batch, sums, config=config, device=device,
+                                        flow_bound=run.info.flow_bound, raw_model=run.raw_model)
         run.scheduler.step()
         run.step += 1
         if rev is not None:
-            rev_f = rev.detach().float()
-            rev_stats += torch.stack([rev_f.sum(), (rev_f < run.raw_model.relevance_threshold).sum()])
-            revs.append(rev_f)
-        totals.add(loss.item(), ce.item(), bce.item(), (logits.argmax(-1) == labels).sum().item(), labels.shape[0])
-        rate = totals.clips * ddp.world / max(time.perf_counter() - t0, 1e-9)
-        progress.update(task, advance=1, rate=rate, loss=loss.item())
-        if ddp.main and run.step % config.log_every == 0:
-            rec = {"kind": "step", "epoch": epoch, "step": run.step, "loss": loss.item(), "ce": ce.item(),
-                   "bce": bce.item(), "lr": run.scheduler.get_last_lr()[0], "clips_per_s": rate}
+            revs.append(rev)
+        rate = sums.clips * ddp.world / max(time.perf_counter() - t0, 1e-9)
+        if ddp.main and run.step % config.log_every == 0:  # the only read-back between epoch ends
+            loss_v, ce_v, bce_v = torch.stack([loss, ce, bce]).tolist()
+            progress.update(task, advance=1, rate=rate, loss=loss_v)
+            rec = {"kind": "step", "epoch": epoch, "step": run.step, "loss": loss_v, "ce": ce_v,
+                   "bce": bce_v, "lr": run.scheduler.get_last_lr()[0], "clips_per_s": rate}
             run.history.append(rec)
             _append_metric(run.out / METRICS_NAME, rec)
             run.events.record(rec)
+        else:
+            progress.update(task, advance=1, rate=rate)
+    totals = sums.totals(ddp, device)
     seconds = time.perf_counter() - t0
-    totals.rev, totals.dropped = rev_stats.tolist()
     if ddp.main and revs:
         run.events.histogram("epoch/rev", torch.cat(revs).cpu(), run.step)
-    return totals.all_sum(ddp, device), seconds
+    return totals, seconds
 
 
-def _validate(run: _Run) -> tuple[float, float]:
-    """Top-1 (%) and NLL of the averaged softmax on the validation split (one centre view per video)."""
-    res = score_views(run.raw_model, run.val_loader, modalities=run.config.modalities, device=run.device,
-                      amp=run.config.amp, flow_bound=run.info.flow_bound)
-    top1 = 100 * (res["probs"].argmax(-1) == res["labels"]).float().mean().item()
-    return top1, F.nll_loss(res["probs"].clamp_min(1e-12).log(), res["labels"]).item()
+def validation_sums(model, loader, *, modalities, device, amp: bool, flow_bound: float) -> tuple[int, float, int]:
+    """``(correct, NLL sum, videos)`` of ``loader``'s videos, one view each (0s for an empty loader).
+
+    The NLL is of the softmax averaged over a video's views (clamped at 1e-12), summed in float64.
+    """
+    res = score_views(model, loader, modalities=modalities, device=device, amp=amp, flow_bound=flow_bound)
+    if res["probs"] is None:
+        return 0, 0.0, 0
+    probs, labels = res["probs"], res["labels"]
+    nll = -probs.clamp_min(1e-12).log().gather(1, labels[:, None]).double().sum()
+    return int((probs.argmax(-1) == labels).sum()), float(nll), len(labels)
+
+
+def _validate(run: _Run) -> tuple[float, float, list[int]]:
+    """Top-1 (%), mean NLL and videos per rank on the validation videos, every rank scoring its part.
+
+    One all-reduce sums the correct counts, NLL sums and each rank's video count (in its own
+    slot), so the numbers are those of one process scoring every video.
+    """
+    ddp = run.ddp
+    correct, nll, n = validation_sums(run.raw_model, run.val_loader, modalities=run.config.modalities,
+                                      device=run.device, amp=run.config.amp, flow_bound=run.info.flow_bound)
+    per_rank = [0.0] * ddp.world
+    per_rank[ddp.rank] = n
+    correct, nll, *per_rank = ddp.all_sum([correct, nll, *per_rank], run.device)
+    videos = sum(per_rank)
+    return 100 * correct / videos, nll / videos, [int(v) for v in per_rank]
 
 
 def _checkpoint(run: _Run, epoch: int, rec: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from imdpipe.devices import autocast, select_device
+from imdpipe.train.config import DEFAULT_DIST_TIMEOUT_MIN
 
 CHECKPOINT_LAST = "checkpoint-last.pt"
 CHECKPOINT_BEST = "checkpoint-best.pt"
@@ -84,20 +86,49 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Sum numbers over processes (identity when alone)."""
-        if not self.enabled:
+    def all_sum(self, values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+        """Sum numbers (a list, or a 1-D tensor already on ``device``) over processes, in float64.
+
+        One host sync: the summed tensor is read back once (a list alone is returned as it is).
+        """
+        if isinstance(values, torch.Tensor):
+            t = values.to(device, torch.float64, copy=True)
+        elif not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        else:
+            t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(t)
         return t.tolist()
+
+    def part(self, items: Sequence) -> list:
+        """This process's contiguous share of ``items`` for scoring (validation, evaluate).
+
+        Rank r gets the r-th of ``world`` consecutive slices whose sizes differ by at most one
+        (the first ``len % world`` ranks take one more); concatenated in rank order they are
+        ``items`` exactly: no item twice (unlike ``DistributedSampler``, which pads with
+        duplicates), none left out, the order kept.
+        """
+        n, w, r = len(items), self.world, self.rank
+        start = r * (n // w) + min(r, n % w)
+        return list(items[start:start + n // w + (r < n % w)])
+
+    def gather(self, obj) -> list | None:
+        """Every process's ``obj`` (picklable) on rank 0, in rank order; None on the other ranks.
+
+        ``torch.distributed.gather_object``: on NCCL the pickles travel through this process's
+        current GPU (``select_device`` sets it).
+        """
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
-
-DEFAULT_DIST_TIMEOUT_MIN = 30.0
 
 
 def init_distributed(device_name: str = "auto", *, timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN

@@ -12,7 +12,8 @@ CacheOpt = Annotated[Path, typer.Option("--cache", help="Cache root directory of
                                         "(holds manifest.csv, labels.txt and the stage stores).")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     "--shard", help="Process only shard i of n (form i/n), for several machines or processes at once. "
-                    "Default: torchrun's RANK/WORLD_SIZE when set, else everything.")]
+                    "Default: torchrun's RANK/WORLD_SIZE when set, else a Slurm array task's SLURM_ARRAY_TASK_ID "
+                    "(counted from SLURM_ARRAY_TASK_MIN) of SLURM_ARRAY_TASK_COUNT, else everything.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Rebuild the store from nothing "
                                             "(its current content is replaced). Without it, a store built "
                                             "with other settings is refused and done videos are skipped.")]

@@ -153,8 +153,9 @@ FIELD_HELP: dict[str, str] = {
                  "ours: 1.0)",
     # system
     "device": "auto (cuda when available), cpu or cuda",
-    "amp": "bf16 autocast on CUDA (always off on CPU)",
-    "compile": "torch.compile the model",
+    "amp": "bf16 autocast on CUDA, IMD's relevance logit and its BCE kept in float32 (always off on CPU) "
+           "(paper: not stated; ours: on)",
+    "compile": "torch.compile the model (ours: off; no speed-up measured yet, see README 'Running on GPUs')",
     "num_workers": "DataLoader worker processes per training process (ours): -1 = the CPU cores / LOCAL_WORLD_SIZE, "
                    "0 = the main process; persistent, one thread each",
     "threads": "torch CPU threads per process, 0 = leave torch's default",

@@ -132,3 +132,48 @@ def test_step_sums_equal_per_step_item_accumulation():
     assert [totals.loss, totals.ce, totals.bce, totals.clips] == [host[0], host[1], host[2], host[4]]  # bit for bit
     assert [totals.rev, totals.dropped] == rev32.tolist()
     assert 0 <= totals.correct <= totals.clips == 3 + 4 + 5 + 6
+
+
+# ---------------------------------------------------------------------------------------------
+# --dist-timeout reaches the process group
+# ---------------------------------------------------------------------------------------------
+class _Joined(Exception):
+    pass
+
+
+def test_dist_timeout_reaches_init_distributed_from_train_and_evaluate(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    from typer.testing import CliRunner
+
+    from imdpipe.cli.main import app
+    from imdpipe.train import evaluate as evaluate_mod
+    from imdpipe.train import runtime
+
+    seen = []
+
+    def record(device_name="auto", *, timeout_min):
+        seen.append(timeout_min)
+        raise _Joined
+
+    monkeypatch.setattr(loop, "init_distributed", record)
+    with pytest.raises(_Joined):
+        loop.train(cache=tmp_path, out=tmp_path / "run", config=TrainConfig(size="tiny", dist_timeout=7.5))
+    # evaluate: a checkpoint with a config is all it reads before joining the group
+    torch.save({"model": {}, "model_config": {}, "config": TrainConfig(size="tiny").to_dict()}, tmp_path / "c.pt")
+    monkeypatch.setattr(evaluate_mod, "init_distributed", record)
+    result = CliRunner().invoke(app, ["evaluate", "--run-dir", str(tmp_path / "c.pt"), "--cache", str(tmp_path),
+                                      "--dist-timeout", "12"])
+    assert isinstance(result.exception, _Joined), result.output
+    assert seen == [7.5, 12.0]
+    assert TrainConfig().dist_timeout == 30.0
+    with pytest.raises(ValueError, match="dist_timeout"):
+        TrainConfig(dist_timeout=0)
+    # and init_distributed hands it to torch.distributed as a timedelta
+    calls = {}
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda **kw: calls.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    ddp, device = runtime.init_distributed("cpu", timeout_min=12)
+    assert calls["timeout"] == timedelta(minutes=12) and calls["backend"] == "gloo" and ddp.rank == 1

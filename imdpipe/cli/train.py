@@ -125,10 +125,10 @@ def train_cmd(
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
     with cli_errors():
-        if cfg is not None and cfg.head_only:
-            from imdpipe.train.head_only import train_head_only
+        from imdpipe.train.head_only import is_head_only_run, train_head_only
 
-            train_head_only(cache=cache, out=out, config=cfg, visual=visual, show_progress=not quiet)
+        if cfg.head_only if cfg is not None else is_head_only_run(out):
+            train_head_only(cache=cache, out=out, config=cfg, visual=visual, resume=resume, show_progress=not quiet)
         else:
             train(cache=cache, out=out, config=cfg, resume=resume, show_progress=not quiet)
 

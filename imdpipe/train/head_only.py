@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,14 @@ import torch.nn.functional as F
 from imdpipe.contract import AST_WINDOW_S, AUDIO, FRAMES, RELEVANCE
 from imdpipe.pipeline.manifest import Manifest, read_manifest
 from imdpipe.pipeline.store import StageStore
-from imdpipe.train.config import VAL_HOLDOUT, VAL_LAST, TrainConfig, save_config
+from imdpipe.train.config import VAL_HOLDOUT, VAL_LAST, TrainConfig, load_config, save_config
 from imdpipe.train.data import (
     Selection,
-    _check_integrity,
     _store_provenance,
     report_selection,
     select_by_flags,
 )
+from imdpipe.train.events import EventWriter
 from imdpipe.train.loop import (
     CONFIG_NAME,
     CURVES_NAME,
@@ -49,6 +50,7 @@ from imdpipe.train.loop import (
     _append_metric,
     _model_config_dict,
     _print_summary,
+    _read_metrics,
     _write_curves,
     _write_metrics,
     build_optimizer,
@@ -59,6 +61,7 @@ from imdpipe.train.loop import (
 from imdpipe.train.runtime import (
     CHECKPOINT_BEST,
     CHECKPOINT_LAST,
+    load_checkpoint,
     rng_states,
     save_checkpoint,
     seed_everything,
@@ -98,8 +101,9 @@ class HeadData:
     def labels(self) -> list[str]:
         return self.manifest.labels
 
-    @property
+    @cached_property
     def label(self) -> np.ndarray:
+        """(N,) class index of every manifest row (built once: it is indexed per sample)."""
         return np.asarray([r.label for r in self.manifest.records], dtype=np.int64)
 
     @property
@@ -115,14 +119,25 @@ class HeadData:
         return replace(self, target=np.asarray(targets.target, dtype=np.float32), relevance=rel, done=done)
 
 
-_REBUILD = {STORE_NAME: "imdpipe extract-visual --cache {cache} --run RUN",
+_REBUILD = {STORE_NAME: "imdpipe extract-visual --cache {cache} --run-dir RUN",
             AUDIO_STORE: "imdpipe extract-audio --cache {cache}",
             RELEVANCE_STORE: "imdpipe build-savld --cache {cache}"}
 
 
+#: The arrays head-only training reads, per store (every one read whole, in one pass per shard file).
+_ARRAYS = {STORE_NAME: ("test_embedding", "train_embedding", "test_clip_time_s", "train_clip_time_s"),
+           AUDIO_STORE: ("embedding", "window_start_s", "has_audio"), RELEVANCE_STORE: ("target",)}
+
+
 def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio: bool = True,
                    relevance: bool = True) -> HeadData:
-    """Read visual.zarr (+ audio.zarr, relevance.zarr) of a cache into memory, checking their provenance."""
+    """Read visual.zarr (+ audio.zarr, relevance.zarr) of a cache into memory, checking their provenance.
+
+    Each array is read whole, one shard file at a time (:meth:`StageStore.read_whole`): every chunk
+    of a done video must be present and pass its CRC-32C, or the read is refused with the videos
+    named (damaged data is never used). That is ~20x cheaper than zarr's chunk-by-chunk read of
+    stores holding one chunk per video (``benchmarks/bench_head_only.py``).
+    """
     root = Path(cache)
     manifest = read_manifest(root)
     vpath = Path(visual) if visual is not None else root / STORE_NAME
@@ -135,36 +150,35 @@ def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio
     if relevance:
         stores[RELEVANCE_STORE] = root / RELEVANCE_STORE
     stages = {STORE_NAME: STAGE, AUDIO_STORE: "audio", RELEVANCE_STORE: "relevance"}
-    groups, provenance, done = {}, {}, {}
+    arrays, provenance, done, attrs = {}, {}, {}, {}
     for name, path in stores.items():
         store = StageStore.open_existing(path, stage=stages[name])
         if store.attrs.get("manifest_sha256") != manifest.sha256:
             raise ValueError(f"{path} was built for another manifest.csv than {root / 'manifest.csv'}; rebuild it "
-                             f"with --overwrite")
+                             f"with `{_REBUILD[name].format(cache=root)} --overwrite`")
         if store.n_items != len(manifest):
             raise ValueError(f"{path} holds {store.n_items} videos but the manifest has {len(manifest)}")
-        _check_integrity(path, store.group, _REBUILD[name].format(cache=root))
-        groups[name] = store.group
         provenance[name] = _store_provenance(store.group)
+        attrs[name] = store.attrs
         done[name] = store.done_mask()
-    vg = groups[STORE_NAME]
-    provenance[FRAMES_STORE] = dict(vg.attrs["frames_provenance"])
+        arrays[name] = {a: store.read_whole(a, done=done[name]) for a in _ARRAYS[name]}
+    va, vattrs = arrays[STORE_NAME], attrs[STORE_NAME]
+    provenance[FRAMES_STORE] = dict(vattrs["frames_provenance"])
     data = HeadData(
-        manifest=manifest, visual_path=vpath, visual_settings=dict(vg.attrs["settings"]), visual_attrs=dict(vg.attrs),
-        test_v=torch.from_numpy(np.asarray(vg["test_embedding"][:], dtype=np.float16)),
-        train_v=torch.from_numpy(np.asarray(vg["train_embedding"][:], dtype=np.float16)),
-        test_time=np.asarray(vg["test_clip_time_s"][:], dtype=np.float64),
-        train_time=np.asarray(vg["train_clip_time_s"][:], dtype=np.float64), done=done,
-        provenance={"manifest_sha256": manifest.sha256, "labels": list(manifest.labels), "stores": provenance})
-    if AUDIO_STORE in groups:
-        ag = groups[AUDIO_STORE]
-        data.audio = torch.from_numpy(np.asarray(ag["embedding"][:], dtype=np.float16))
-        data.starts = np.asarray(ag["window_start_s"][:], dtype=np.float64)
-        data.has_audio = np.asarray(ag["has_audio"][:], dtype=bool)
-        data.window_s = float(ag.attrs.get("settings", {}).get("window_s", AST_WINDOW_S))
-    if RELEVANCE_STORE in groups:
-        rg = groups[RELEVANCE_STORE]
-        data.target = np.asarray(rg["target"][:], dtype=np.float32)
+        manifest=manifest, visual_path=vpath, visual_settings=dict(vattrs["settings"]), visual_attrs=vattrs,
+        test_v=torch.from_numpy(va["test_embedding"].astype(np.float16, copy=False)),
+        train_v=torch.from_numpy(va["train_embedding"].astype(np.float16, copy=False)),
+        test_time=va["test_clip_time_s"].astype(np.float64), train_time=va["train_clip_time_s"].astype(np.float64),
+        done=done, provenance={"manifest_sha256": manifest.sha256, "labels": list(manifest.labels),
+                               "stores": provenance})
+    if AUDIO_STORE in arrays:
+        aa = arrays[AUDIO_STORE]
+        data.audio = torch.from_numpy(aa["embedding"].astype(np.float16, copy=False))
+        data.starts = aa["window_start_s"].astype(np.float64)
+        data.has_audio = aa["has_audio"].astype(bool)
+        data.window_s = float(attrs[AUDIO_STORE].get("settings", {}).get("window_s", AST_WINDOW_S))
+    if RELEVANCE_STORE in arrays:
+        data.target = arrays[RELEVANCE_STORE]["target"].astype(np.float32)
         prov = provenance[RELEVANCE_STORE]
         data.relevance = {k: prov.get(k, prov["settings"].get(k)) for k in ("K", "Ya", "overlap")}
     return data
@@ -257,17 +271,39 @@ def score_cached(model, data: HeadData, indices, *, device, batch_size: int = 25
             "has_audio": torch.from_numpy(data.has_audio[idx_all]) if data.has_audio is not None else None}
 
 
-def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, device=None, on_epoch=None,
-             progress=None) -> tuple[torch.nn.Module, list[dict]]:
-    """Train a head on cached embeddings; ``on_epoch(record, model, optimizer, scheduler)`` after each epoch.
+def fused_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer (SGD or AdamW, same groups and settings) with torch's fused kernel.
 
-    Returns the model after the last epoch and the metric records (step and epoch lines).
+    A head's step is memory-bound: the unfused SGD update makes three passes over the 6M
+    parameters (weight decay, momentum, update), ~40% of a step's CPU time at batch 64 on CPU;
+    the fused kernel makes one (15 -> 6 ms per step, ``benchmarks/bench_head_only.py``). It is the
+    same update up to float rounding (~1e-8 per step).
+    """
+    fused = {"foreach": None, "fused": True}
+    groups = [{**group, **fused} for group in optimizer.param_groups]
+    return type(optimizer)(groups, **{**optimizer.defaults, **fused})
+
+
+def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, device=None, on_epoch=None,
+             progress=None, resume: dict | None = None,
+             stop_after_epoch: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train a head on cached embeddings; ``on_epoch(record, model, optimizer, scheduler, history)`` after each epoch.
+
+    Every epoch's randomness (order, views, audio donors, dropout) is drawn from ``(seed, epoch)``
+    alone, so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+
+    Args:
+        resume: a checkpoint written by ``on_epoch`` (``model``, ``optimizer``, ``scheduler``,
+            ``epoch``, ``step``): training continues after its epoch.
+        stop_after_epoch: stop once this epoch (0-based) is done, as if killed there (resume tests).
+
+    Returns the model after the last epoch and this call's metric records (step and epoch lines).
     """
     device = device or torch.device("cpu")
     seed_everything(config.seed)
     model_cfg = head_config(config, data)
     model = build_head(model_cfg, device)
-    optimizer = build_optimizer(model, config)
+    optimizer = fused_optimizer(build_optimizer(model, config))
     train_idx = np.asarray(train_idx, dtype=np.int64)
     n, bs = len(train_idx), config.batch_size
     steps_per_epoch = n // bs
@@ -282,8 +318,13 @@ def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, de
         pools.setdefault(int(data.label[i]), []).append(int(i))
     pools = {c: np.asarray(p) for c, p in pools.items()}
     history: list[dict] = []
-    step = 0
-    for epoch in range(config.epochs):
+    step, start = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step, start = resume["step"], resume["epoch"] + 1
+    for epoch in range(start, config.epochs):
         model.train()
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(int(rng.integers(2**62)))
@@ -332,6 +373,8 @@ def fit_head(data: HeadData, config: TrainConfig, *, train_idx, val_idx=None, de
         history.append(rec)
         if on_epoch is not None:
             on_epoch(rec, model, optimizer, scheduler, history)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
     return model, history
 
 
@@ -349,17 +392,28 @@ def check_config(config: TrainConfig, data: HeadData) -> TrainConfig:
     return config.replace(head_only=True, **clip, relevance=data.relevance or {})
 
 
+def is_head_only_run(out: str | Path) -> bool:
+    """Whether the run directory ``out`` holds a head-only run (its config.yaml says so)."""
+    path = Path(out) / CONFIG_NAME
+    return path.is_file() and load_config(path).head_only
+
+
 def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig | None = None,
-                    visual: str | Path | None = None, data: HeadData | None = None, console=None,
-                    show_progress: bool = True) -> dict:
+                    visual: str | Path | None = None, data: HeadData | None = None, resume: bool = False,
+                    console=None, show_progress: bool = True, stop_after_epoch: int | None = None) -> dict:
     """Train a head on ``cache``'s cached embeddings and write the run directory ``out``.
 
     Args:
         cache: the cache root (manifest.csv, visual.zarr, audio.zarr, relevance.zarr).
-        out: the run directory (must not hold a run yet; head-only runs take seconds, so no resume).
-        config: the settings (the clip settings are taken from the visual store).
-        visual: the visual store (default ``cache/visual.zarr``).
+        out: the run directory (created; an existing run is only continued with ``resume``).
+        config: the settings (the clip settings are taken from the visual store). Ignored with
+            ``resume``: the checkpoint's settings are used.
+        visual: the visual store (default ``cache/visual.zarr``; with ``resume``, the run's).
         data: already loaded :class:`HeadData` (else read from the cache).
+        resume: continue from ``out/checkpoint-last.pt``; the caches must be the ones the run
+            started on, and the run ends with the weights an uninterrupted run ends with.
+        stop_after_epoch: stop once this epoch (0-based) is checkpointed, as if killed there
+            (for resume tests).
 
     Returns:
         The same summary dict as :func:`imdpipe.train.loop.train`.
@@ -367,18 +421,42 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from imdpipe.train.data import compare_provenance
+
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
-    config = config or TrainConfig()
     out = Path(out)
-    if (out / CHECKPOINT_LAST).exists():
-        raise FileExistsError(f"{out} already holds a run ({CHECKPOINT_LAST}); choose another --out.")
+    ckpt = None
+    if resume:
+        if not (out / CHECKPOINT_LAST).is_file():
+            raise FileNotFoundError(f"{out} holds no {CHECKPOINT_LAST} to resume: start the run without --resume.")
+        ckpt = load_checkpoint(out / CHECKPOINT_LAST)
+        if ckpt.get("streams") is None:
+            raise ValueError(f"{out / CHECKPOINT_LAST} is a full run, not a head-only one: resume it with "
+                             f"`imdpipe train --resume` on its own cache")
+        config = TrainConfig.from_dict(ckpt["config"])
+        visual = visual if visual is not None else ckpt["streams"]["visual_store"]
+    else:
+        config = config or TrainConfig()
+        if (out / CHECKPOINT_LAST).exists():
+            raise FileExistsError(f"{out} already holds a run ({CHECKPOINT_LAST}); pass --resume to continue it "
+                                  f"or choose another --out.")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = select_device(config.device)
     if data is None:
         data = load_head_data(cache, visual=visual, audio=config.uses_audio, relevance=config.uses_relevance)
     config = check_config(config, data)
+    prior: list[dict] = []
+    if ckpt is not None:
+        problems, notes = compare_provenance(ckpt["provenance"], data.provenance)
+        if data.visual_settings["streams_sha256"] != ckpt["streams"]["streams_sha256"]:
+            problems.append(f"{data.visual_path} was made by other visual streams than the run's "
+                            f"{ckpt['streams']['visual_store']}")
+        if problems or notes:
+            raise ValueError(f"cannot resume {out} on {cache}: the caches differ from the ones the run started on:"
+                             f"\n  " + "\n  ".join(problems + notes))
+        prior = [r for r in _read_metrics(out / METRICS_NAME) if r["epoch"] <= ckpt["epoch"]]
     stores = tuple(data.done)
     splits = {r.split for r in data.manifest.records}
     if config.train_split not in splits:
@@ -399,19 +477,24 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
     model_cfg = head_config(config, data)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_NAME)
-    _write_metrics(out / METRICS_NAME, [])
+    _write_metrics(out / METRICS_NAME, prior)
     streams = {"visual_store": str(data.visual_path.resolve()),
                "streams_sha256": data.visual_settings["streams_sha256"], "source": data.visual_attrs.get("streams")}
     console.print(f"head-only training of {model_cfg.fusion} on cached {', '.join(model_cfg.modalities)} "
                   f"embeddings: {len(train_idx)} videos, {len(data.labels)} classes, "
-                  f"{config.epochs} epochs, batch {config.batch_size}, {device.type}")
-    best: dict | None = None
+                  f"{config.epochs} epochs, batch {config.batch_size}, {device.type}"
+                  + (f", resuming after epoch {ckpt['epoch'] + 1}" if ckpt is not None else ""))
+    best: dict | None = ckpt.get("best") if ckpt is not None else None
     written = 0
+    # a resumed run drops the events written after its checkpoint (those of steps > the checkpoint's)
+    events = EventWriter(out, enabled=config.tensorboard, purge_step=ckpt["step"] + 1 if ckpt is not None else None)
 
     def on_epoch(rec, model, optimizer, scheduler, history):
         nonlocal best, written
         for r in history[written:]:
             _append_metric(out / METRICS_NAME, r)
+            events.record(r)
+        events.flush()
         written = len(history)
         key = (rec["val_top1"], -rec["val_loss"]) if rec["val_top1"] is not None else (rec["epoch"],)
         improved = best is None or tuple(key) > tuple(best["key"])  # no validation: the last epoch
@@ -427,22 +510,29 @@ def train_head_only(*, cache: str | Path, out: str | Path, config: TrainConfig |
         if improved:
             save_checkpoint(state, out / CHECKPOINT_BEST)
 
-    steps = (len(train_idx) // config.batch_size) * config.batch_size * config.epochs
+    first = ckpt["epoch"] + 1 if ckpt is not None else 0
+    last_epoch = config.epochs if stop_after_epoch is None else min(stop_after_epoch + 1, config.epochs)
+    clips = (len(train_idx) // config.batch_size) * config.batch_size * max(last_epoch - first, 0)
     with Progress(TextColumn("[bold]head-only"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as bar:
-        task = bar.add_task("head-only", total=steps)
+        task = bar.add_task("head-only", total=clips)
         t0 = time.perf_counter()
-        model, history = fit_head(data, config, train_idx=train_idx, val_idx=val_idx, device=device,
-                                  on_epoch=on_epoch, progress=lambda b: bar.advance(task, b))
+        try:
+            model, history = fit_head(data, config, train_idx=train_idx, val_idx=val_idx, device=device,
+                                      on_epoch=on_epoch, progress=lambda b: bar.advance(task, b), resume=ckpt,
+                                      stop_after_epoch=stop_after_epoch)
+        finally:
+            events.close()
         train_seconds = time.perf_counter() - t0
+    history = prior + history
     _write_curves(history, out / CURVES_NAME)
     last = [r for r in history if r["kind"] == "epoch"][-1]
     summary = {
-        "run": str(out), "epochs_done": config.epochs, "epochs": config.epochs, "steps": last["step"],
+        "run": str(out), "epochs_done": last["epoch"] + 1, "epochs": config.epochs, "steps": last["step"],
         "train_videos": len(train_idx), "left_out": train_sel.n_left_out,
         "final_train_loss": last["train_loss"], "final_train_top1": last["train_top1"],
         "best_epoch": best["epoch"], "best_val_top1": best["val_top1"],
-        "clips_per_s": steps / train_seconds if train_seconds else None,
+        "clips_per_s": clips / train_seconds if train_seconds and clips else None,
         "seconds": time.perf_counter() - t_start, "world_size": 1, "per_rank_batch": config.batch_size,
         "device": str(device), "weights_sha256": state_sha256(model.state_dict()),
     }

@@ -61,7 +61,7 @@ class Streams:
 
     model: torch.nn.Module  # TwoStreamTransformer
     config: TrainConfig
-    source: dict  # {"kind": "run" | "init", "checkpoint": path, "epoch": int or None}
+    source: dict  # {"kind": "run" | "init", "checkpoint": path, "epoch": int or None (+ "file", "sha256": init)}
     provenance: dict | None  # the run's cache provenance (None for a bare trunk)
 
     @property
@@ -104,8 +104,11 @@ def load_streams(*, run: str | Path | None = None, checkpoint: str = "best", ini
         raise ValueError(f"modalities {config.modalities} have no visual stream to cache")
     seed_everything(seed)
     model = build_model(config.model_config(num_classes=num_classes), init_checkpoint=init_checkpoint)
+    report = model.init_report  # the file read (a timm name resolves to its hub-cache file) and its SHA-256
     return Streams(model=model.visual.to(device).eval(), config=config,
-                   source={"kind": "init", "checkpoint": str(init_checkpoint), "epoch": None}, provenance=None)
+                   source={"kind": "init", "checkpoint": str(init_checkpoint), "epoch": None,
+                           "file": report["file"] and str(Path(report["file"]).resolve()), "sha256": report["sha256"]},
+                   provenance=None)
 
 
 def store_settings(streams: Streams, info: CacheInfo, *, train_views: int, clips: int, crops: int,
@@ -272,8 +275,13 @@ def streams_state(visual_store: str | Path) -> tuple[dict, dict]:
     if source.get("kind") == "run":
         ckpt = load_checkpoint(source["checkpoint"])
         state = {k[len("visual."):]: v for k, v in ckpt["model"].items() if k.startswith("visual.")}
-    else:
-        state = load_checkpoint(Path(visual_store) / STREAMS_FILE)["visual"]
+    else:  # a trunk's streams, saved beside the arrays (not a run checkpoint: no model_config)
+        path = Path(visual_store) / STREAMS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {visual_store} was made from a pretrained trunk, whose "
+                                    f"streams are kept there; rebuild the store with `imdpipe extract-visual "
+                                    f"--init-checkpoint ... --overwrite`")
+        state = torch.load(path, map_location="cpu", weights_only=True)["visual"]
     if state_sha256(state) != settings["streams_sha256"]:
         raise ValueError(f"the streams in {source.get('checkpoint') or Path(visual_store) / STREAMS_FILE} are not the "
                          f"ones {visual_store} was made with (weights hash differs): the run was changed since")

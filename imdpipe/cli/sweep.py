@@ -34,8 +34,9 @@ def sweep_cmd(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=FIELD_HELP["batch_size"])] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=FIELD_HELP["lr"])] = None,
     test_split: Annotated[str, typer.Option("--test-split", help="Split scored after the last epoch.")] = "test",
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Runs trained at once, one process and "
-                                                   "one thread each (default: the CPU count).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Runs trained at once, one process and one thread each (default: the cores this "
+                                 "process may use).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Train every cell of an ablation grid head-only (seconds per cell) and write a Table-4-style table

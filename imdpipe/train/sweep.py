@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
+from imdpipe.launch import available_cores
 from imdpipe.train.config import TrainConfig
 
 #: grid keys -> (TrainConfig field or relevance setting, parser)
@@ -137,7 +137,8 @@ def run_sweep(*, cache: str | Path, out: str | Path, grid: dict[str, list], conf
         visual: the visual store (default ``cache/visual.zarr``).
         savld: the SAVLD for rebuilt targets (default ``cache/savld.zarr``).
         test_split: the split scored.
-        workers: cells trained at once, one process and one thread each (default: the CPU count).
+        workers: cells trained at once, one process and one thread each (default: the cores this
+            process may use, ``imdpipe.launch.available_cores``: a Slurm or taskset limit counts).
 
     Returns:
         One row per cell (the table's rows).
@@ -180,7 +181,7 @@ def run_sweep(*, cache: str | Path, out: str | Path, grid: dict[str, list], conf
                 "cache": str(cache.resolve()), "test_split": test_split}
     done_rows = _read_results(results_path, settings)
     todo = [j for j in jobs if (j["row"]["cell"], j["row"]["seed"]) not in done_rows]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = max(1, min(workers or available_cores(), len(todo) or 1))
     console.print(f"sweep: {len(grid_cells)} cell(s) x {len(seeds)} seed(s) = {len(jobs)} head-only runs "
                   f"({len(jobs) - len(todo)} already in {results_path}), {workers} process(es)")
     configs = [TrainConfig.from_dict(j["config"]) for j in jobs]

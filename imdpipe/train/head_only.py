@@ -135,8 +135,8 @@ def load_head_data(cache: str | Path, *, visual: str | Path | None = None, audio
 
     Each array is read whole, one shard file at a time (:meth:`StageStore.read_whole`): every chunk
     of a done video must be present and pass its CRC-32C, or the read is refused with the videos
-    named (damaged data is never used). That is ~20x cheaper than zarr's chunk-by-chunk read of
-    stores holding one chunk per video (``benchmarks/bench_head_only.py``).
+    named (damaged data is never used). On a UCF-101-sized cache that is 6.5x less CPU than zarr's
+    chunk-by-chunk ``arr[...]`` of stores holding one chunk per video (``benchmarks/bench_head_only.py``).
     """
     root = Path(cache)
     manifest = read_manifest(root)

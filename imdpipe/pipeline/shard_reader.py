@@ -199,11 +199,11 @@ def read_sharded(arr: zarr.Array) -> tuple[np.ndarray, dict[int, str]] | None:
     For a local array sharded along its first axis only (each shard holds whole rows: a stage
     store's ``videos_per_shard`` videos), this is ``arr[...]`` at a fraction of the cost (zarr
     spends 0.15-0.3 ms of CPU per chunk, mostly in thread hand-offs, i.e. seconds per array when
-    every video is a chunk; 6-7x less CPU in all on a UCF-101-sized store). Each shard's index and each chunk is decoded with the array's codecs, their
-    CRC-32C checked (:func:`chunk_decoder`). ``problems`` maps a row (video) to what is wrong with
-    its chunks: absent (zarr would read the fill value without a word), past the end of a
-    truncated file, failing its checksum; such rows hold the fill value. Returns None when ``arr``
-    is not laid out so (read it with zarr).
+    every video is a chunk; 6-7x less CPU in all on a UCF-101-sized store). Each shard's index and
+    each chunk is decoded with the array's codecs, their CRC-32C checked (:func:`chunk_decoder`).
+    ``problems`` maps a row (video) to what is wrong with its chunks: absent (zarr would read the
+    fill value without a word), past the end of a truncated file, failing its checksum; such rows
+    hold the fill value. Returns None when ``arr`` is not laid out so (read it with zarr).
     """
     from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
     from zarr.core.buffer import default_buffer_prototype

@@ -222,6 +222,13 @@ def test_resume_ends_with_same_weights(cache, tmp_path):
     assert resumed["weights_sha256"] == full["weights_sha256"]
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines if '"epoch"' in x and '"kind": "epoch"' in x] == [0, 1]
+    # TensorBoard: the resumed run purges only what came after its checkpoint; the checkpointed
+    # epoch's own record (at the checkpoint's step) stays, so both runs show the same curve
+    from imdpipe.train.events import read_scalars
+
+    curves = [read_scalars(tmp_path / name)["epoch/train_loss"] for name in ("full", "part")]
+    assert [s for s, _ in curves[1]] == [s for s, _ in curves[0]] and len(curves[0]) == 2
+    assert [v for _, v in curves[1]] == pytest.approx([v for _, v in curves[0]])
 
 
 def _free_port() -> int:

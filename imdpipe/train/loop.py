@@ -502,7 +502,10 @@ def _setup(*, cache: Path, out: Path, config: TrainConfig, ckpt: dict | None, co
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / CONFIG_NAME)
         _write_metrics(out / METRICS_NAME, run.history)
-        run.events = EventWriter(out, enabled=config.tensorboard, purge_step=run.step if ckpt is not None else None)
+        # a resumed run hides what a killed one logged after its checkpoint: steps > the checkpoint's
+        # (the checkpointed epoch's own record sits at its step and stays)
+        run.events = EventWriter(out, enabled=config.tensorboard,
+                                 purge_step=run.step + 1 if ckpt is not None else None)
         deviations = config.recipe_deviations()
         say(f"recipe {config.recipe}" + (": as defined" if not deviations else ", except " + ", ".join(
             f"{k} {v[1]} (recipe: {v[0]})" for k, v in deviations.items())))

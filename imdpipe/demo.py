@@ -91,7 +91,7 @@ class DemoSettings:
     """
 
     # data
-    videos_per_class: int = 24
+    videos_per_class: int = 48
     test_fraction: float = 1 / 3
     video_size: tuple[int, int] = (128, 160)
     duration_s: float = 3.0
@@ -105,8 +105,8 @@ class DemoSettings:
     num_frames: int = 4
     frame_stride: int = 2
     flow_scale: float = 2.0
-    epochs: int = 24
-    batch_size: int = 8
+    epochs: int = 36
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
@@ -133,6 +133,12 @@ def run_demo(*, out: str | Path = "demo", seed: int = 0, settings: DemoSettings 
         console: a ``rich.console.Console``.
         show_progress: draw progress bars.
     """
+    # torch's OpenMP threads spin while they wait for the next kernel (libgomp's default, "active").
+    # Beside other jobs on 2 cores, the two spinning threads then wait for each other's time slice:
+    # 16 demo training steps took 174 s wall (43 s CPU) under a load of 4, 4 s (1.4 s CPU) with
+    # passive waiting. libgomp reads the policy once, when torch is first imported (as by
+    # `imdpipe demo`, which imports it here); the numbers do not depend on it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from rich.console import Console
 
@@ -178,7 +184,8 @@ def _run(out: Path, seed: int, s: DemoSettings, methods, console, show_progress)
         if not (data / "synth.json").exists():
             synth_dataset(data, seed=seed, videos_per_class=s.videos_per_class, size=s.video_size,
                           duration_s=s.duration_s, fps=s.fps, test_fraction=s.test_fraction,
-                          soundbank_clips=s.soundbank_clips, console=console, show_progress=show_progress)
+                          soundbank_clips=s.soundbank_clips, workers=s.threads, console=console,
+                          show_progress=show_progress)
         else:
             console.print(f"reusing {data}")
     with step("2. audio tagger (small AST on the sound bank)"):

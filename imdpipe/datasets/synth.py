@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing as mp
 import shutil
 import time
 import wave
@@ -587,7 +588,11 @@ def synth_dataset(out: str | Path, *, seed: int = 0, videos_per_class: int = 16,
         tv = progress.add_task("synth videos", total=len(video_jobs))
         tc = progress.add_task("synth sound bank", total=len(clip_jobs))
         if workers > 0:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # forkserver, not fork: the caller (the demo) may hold torch's OpenMP threads, which a
+            # forked child must not inherit
+            methods = mp.get_all_start_methods()
+            context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 for _ in pool.map(_write_one_video, video_jobs, chunksize=4):
                     progress.advance(tv)
                 for _ in pool.map(_write_one_clip, clip_jobs, chunksize=16):

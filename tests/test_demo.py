@@ -16,6 +16,7 @@ from imdpipe.demo import (
     correct_matrix,
     format_table,
     markdown_table,
+    reading,
     run_demo,
     summarize,
 )
@@ -118,3 +119,23 @@ def test_method_rows_are_distinct_and_share_one_recipe():
     assert len({m.name for m in METHODS}) == len(METHODS)
     assert all(isinstance(m, Method) for m in METHODS)
     assert sum(m.cross_modal_p > 0 for m in METHODS) == 1
+
+
+def _row(name, top1, diff=None, ci=None):
+    vs = None if diff is None else {"baseline": "late concat", "top1_diff": diff, "ci95": ci}
+    return {"method": name, "top1": top1, "top1_ci95": [top1 - 5, top1 + 5], "top1_per_seed": [top1], "top5": 100.0,
+            "audio_dropped": 0.4 if name == "IMD" else None, "relevance_auc": None, "vs_baseline": vs}
+
+
+@pytest.mark.parametrize(("diff", "ci", "says", "never"), [
+    (3.1, [-0.8, 7.0], "does not show that IMD beats late concat", "IMD does not beat"),
+    (-2.3, [-6.2, 1.6], "IMD does not beat late concat here (-2.3 points)", "does not show"),
+    (-6.2, [-10.9, -1.6], "IMD is worse than late concat here", "does not beat"),
+    (4.7, [0.8, 9.4], "better: the data supports it", "likely reason"),
+])
+def test_reading_states_what_the_interval_supports(diff, ci, says, never):
+    evaluations = {"late concat": [_evaluation(["a", "b"], [0, 1], [0, 1])]}
+    results = [_row("late concat", 75.0), _row("IMD", 75.0 + diff, diff, ci)]
+    text = reading(results, evaluations)
+    assert says in text and never not in text
+    assert "one video is 50.0 points" in text

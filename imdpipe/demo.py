@@ -579,7 +579,8 @@ def write_report(out: Path, *, table: str, results: list[dict], evaluations: dic
     lines += ["## Time per step", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", f"Total: {usage['wall_s']:.0f} s wall, {usage['cpu_s']:.0f} s CPU (this process, its "
-              f"finished children and the training workers), load average {usage['load']:.1f} at the end, {os.cpu_count()} CPUs.", "",
+              f"finished children and the training workers), load average {usage['load']:.1f} at the end, "
+              f"{os.cpu_count()} CPUs.", "",
               f"Demo settings: `{json.dumps(asdict(settings))}`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

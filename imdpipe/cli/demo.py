@@ -23,9 +23,10 @@ def demo_cmd(
 
     Runs synth -> train-tagger -> index -> extract-flow -> extract-audio -> build-savld -> train +
     evaluate for visual only, late concat, GMU, IMD and IMD with intra-class cross-modality
-    augmentation (one recipe for all, 3 training seeds each), then writes OUT/results.json (top-1
-    with 95% bootstrap intervals over test videos and training seeds, paired differences with late
-    concat), OUT/table.md (the table and its reading) and OUT/report.md (with the pictures).
+    augmentation (one recipe for all, DemoSettings.train_seeds training seeds each, 2 rows at a time
+    in worker processes), then writes OUT/results.json (top-1 with 95% bootstrap intervals over test
+    videos and training seeds, paired differences with late concat), OUT/table.md (the table and its
+    reading) and OUT/report.md (with the pictures).
     """
     from imdpipe.demo import run_demo
 

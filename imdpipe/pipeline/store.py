@@ -36,6 +36,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +49,10 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from imdpipe import __version__
 from imdpipe.pipeline import zarr_jpeg
+
+# visual.zarr built from a pretrained trunk keeps the trunk's weights beside its arrays
+# (visual_cache.STREAMS_FILE); zarr lists that file as an unknown member every time the group is read.
+warnings.filterwarnings("ignore", message=r"Object at streams\.pt is not recognized as a component")
 
 # stores may hold JPEG chunks: known to zarr here even without the installed entry point
 zarr_jpeg.register()

@@ -573,7 +573,7 @@ def write_report(out: Path, *, table: str, results: list[dict], evaluations: dic
         lines += [f"![{png.stem}]({png.relative_to(out)})", ""]
     for name, ms in evaluations.items():
         run = Path(ms[0]["run"])
-        lines += [f"## {name} (training seed 1)", ""]
+        lines += [f"## {name} (the first training run, seed {seeds[0]})", ""]
         for png in sorted(run.glob("*.png")):
             lines += [f"![{name} {png.stem}]({png.relative_to(out)})", ""]
     lines += ["## Time per step", "", "| step | seconds |", "|---|---:|"]

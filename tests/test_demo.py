@@ -11,7 +11,6 @@ import zarr
 from imdpipe.demo import (
     METHODS,
     DemoSettings,
-    Method,
     bootstrap_draws,
     bootstrap_top1,
     correct_matrix,
@@ -117,10 +116,23 @@ def test_bootstrap_by_hand_and_paired_difference():
     assert rows == summarize({"late concat": base, "IMD": better}, n_boot=500, seed=0)  # seeded
 
 
-def test_method_rows_are_distinct_and_share_one_recipe():
+def test_method_rows_are_distinct_and_share_one_recipe(demo):
+    """Every trained row's config.yaml equals every other's but for what defines the row."""
+    from dataclasses import asdict
+
+    from imdpipe.demo import _slug
+    from imdpipe.train.config import load_config
+
+    out, _ = demo
     assert len({m.name for m in METHODS}) == len(METHODS)
-    assert all(isinstance(m, Method) for m in METHODS)
     assert sum(m.cross_modal_p > 0 for m in METHODS) == 1
+    # what defines a row, and the relevance targets' settings, recorded only by the rows trained on them
+    per_row = {"fusion", "modalities", "cross_modal_p", "relevance"}
+    configs = [asdict(load_config(out / "runs" / f"{_slug(m.name)}-seed0" / "config.yaml")) for m in METHODS]
+    shared = [{k: v for k, v in c.items() if k not in per_row} for c in configs]
+    assert all(c == shared[0] for c in shared)
+    assert [(c["fusion"], tuple(c["modalities"]), c["cross_modal_p"]) for c in configs] == [
+        (m.fusion, tuple(m.modalities), m.cross_modal_p) for m in METHODS]
 
 
 def _row(name, top1, diff=None, ci=None):

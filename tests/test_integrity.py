@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -163,8 +164,9 @@ def synth_cache(tmp_path_factory) -> Path:
 
 
 def test_flow_stage_refuses_then_repair_and_rerun_equal_a_clean_run(tmp_path, synth_cache):
+    flow = {**FLOW, "rgb_codec": "zstd", "flow_codec": "zstd"}  # not the CLI's default codecs
     ref = _copy(synth_cache, tmp_path / "ref")
-    extract_flow(cache=ref, **FLOW)
+    extract_flow(cache=ref, **flow)
     work = _copy(ref, tmp_path / "work")
     damage(work / "frames.zarr", "rgb", 1, "delete-shard")
     damage(work / "frames.zarr", "flow", 4, "truncate")
@@ -172,14 +174,19 @@ def test_flow_stage_refuses_then_repair_and_rerun_equal_a_clean_run(tmp_path, sy
     damage(work / "frames.zarr", "frame_index", 13, "delete-chunk")
     # the stage meets the missing chunks when it opens the store: refused, naming videos and the fix
     with pytest.raises(StoreDamaged, match=r"(?s)rgb: missing.*#0 .*#1 .*verify --cache .* --repair.*extract-flow"):
-        extract_flow(cache=work, **FLOW)
+        extract_flow(cache=work, **flow)
     report = verify_cache(work, repair=True)
     (frames,) = report.stores
     assert frames.bad_videos == [0, 1, 2, 3, 4, 5, 10, 13] and frames.fixed
     assert "extract-flow" in frames.rerun and "--frames 4 --size 32x48 --backend dis" in frames.rerun
-    summary = extract_flow(cache=work, **FLOW)
+    summary = extract_flow(cache=work, **flow)
     assert summary.ok == 8 and summary.already_done == 8
     _assert_same(ref / "frames.zarr", work / "frames.zarr")
+    # the printed command carries the store's own settings (codecs included): run as printed, it
+    # accepts the store and finds every video done
+    result = CliRunner().invoke(app, shlex.split(frames.rerun)[1:] + ["--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "--rgb-codec zstd --flow-codec zstd" in frames.rerun
 
 
 def test_audio_stage_repair_and_rerun_equal_a_clean_run(tmp_path):

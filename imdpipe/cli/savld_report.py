@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imdpipe.cli.options import CacheOpt
+from imdpipe.cli.options import CacheOpt, cli_errors
 
 
 def savld_report_cmd(
@@ -44,16 +44,12 @@ def savld_report_cmd(
     from rich.console import Console
 
     from imdpipe.pipeline import savld_report as sr
-    from imdpipe.pipeline.store import DiskFull, SettingsMismatch
 
     console = Console(stderr=True)
-    try:
+    with cli_errors():
         report = sr.savld_report(cache=cache, savld=savld, K=relevance_k, ya=ya, alpha=alpha, min_lift=min_lift,
                                  min_freq=min_freq, ground_truth=ground_truth)
         paths = sr.write_report(report, out or cache, worst=worst)
-    except (ValueError, FileNotFoundError, SettingsMismatch, DiskFull) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(code=2) from None
     sr.print_report(report, console)
     flagged = report.flagged
     console.print(f"{len(flagged)} of {len(report.classes)} classes flagged"

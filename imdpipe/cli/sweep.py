@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imdpipe.cli.options import CacheOpt
+from imdpipe.cli.options import CacheOpt, cli_errors
 from imdpipe.train.config import FIELD_HELP
 
 
@@ -46,7 +46,7 @@ def sweep_cmd(
     from imdpipe.train.config import TrainConfig, load_config
     from imdpipe.train.sweep import parse_grid, run_sweep
 
-    try:
+    with cli_errors():
         entries = parse_grid([*grid.split(), *(more or [])])
         if config is None:
             config = _source_config(Path(visual) if visual else VISUAL.path(cache))
@@ -56,9 +56,6 @@ def sweep_cmd(
         base = base.replace(**overrides)
         run_sweep(cache=cache, out=out, grid=entries, config=base, visual=visual, savld=savld, test_split=test_split,
                   workers=workers, show_progress=not quiet)
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def _source_config(visual: Path) -> Path | None:

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from imdpipe.cli.options import CacheOpt, OverwriteOpt, QuietOpt, ShardOpt, StrictOpt, VideosPerShardOpt, exit_for
+from imdpipe.cli.options import (
+    CacheOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ShardOpt,
+    StrictOpt,
+    VideosPerShardOpt,
+    cli_errors,
+    exit_for,
+)
 from imdpipe.train.config import FIELD_HELP
 
 
@@ -53,7 +62,7 @@ def extract_visual_cmd(
     from imdpipe.train.visual_cache import extract_visual
 
     config = None
-    try:
+    with cli_errors():
         if init_checkpoint is not None:
             config = TrainConfig(size=size, fusion="none", num_frames=num_frames, frame_stride=frame_stride,
                                  crop_size=crop_size,
@@ -63,8 +72,5 @@ def extract_visual_cmd(
                                 batch_size=batch_size, num_workers=workers, device=device,
                                 videos_per_shard=videos_per_shard, overwrite=overwrite, part=Partition.parse(shard),
                                 show_progress=not quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     print_summary(result.summary)
     exit_for(result.summary, strict)

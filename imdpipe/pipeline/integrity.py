@@ -32,11 +32,9 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from imdpipe.contract import AUDIO, FRAMES, RELEVANCE
-from imdpipe.pipeline.shard_reader import raw_video_chunks, write_raw_shard
+from imdpipe.pipeline.shard_reader import MISSING, raw_video_chunks, write_raw_shard
 from imdpipe.pipeline.store import DONE, ERROR, StageStore, StoreDamaged, claim_shard
 
-#: Offset and length of an empty entry of a shard index (the sharding codec's marker).
-_EMPTY = 2**64 - 1
 #: Kinds of damage, in the order the summary lists them.
 KINDS = ("missing", "truncated", "corrupt", "flags", "no-checksum", "unreadable")
 
@@ -199,7 +197,7 @@ def missing_chunks(path: str | Path, group: zarr.Group, videos: Sequence[int], *
                 for v in vids:
                     entries = index[(v - b * outer[0]) // inner[0]][tuple(slice(0, k) for k in valid)]
                     entries = entries.reshape(-1, 2)
-                    absent = int((entries[:, 0] == _EMPTY).sum())
+                    absent = int((entries[:, 0] == MISSING).sum())
                     if absent:
                         damage.append(Damage(name, v, "missing", f"{absent} of its {len(entries)} chunk(s) are "
                                                                  f"absent from {file}"))
@@ -260,6 +258,11 @@ def rerun_command(stage: str, settings: dict, cache: Path) -> str:
     if stage == FRAMES.stage:
         size = settings.get("size", [256, 340])
         extra = f" --preset {settings['preset']}" if settings.get("backend") == "dis" and "preset" in settings else ""
+        for kind in ("rgb", "flow"):  # the store's codecs (stores from before the choice: zstd)
+            codec = settings.get(f"{kind}_codec", "zstd")
+            extra += f" --{kind}-codec {codec}"
+            if codec == "jpeg":
+                extra += f" --{kind}-quality {settings[f'{kind}_quality']}"
         return (f"imdpipe extract-flow --cache {c} --frames {settings.get('frames')} --size {size[0]}x{size[1]} "
                 f"--backend {settings.get('backend')}{extra}{shard}")
     if stage == AUDIO.stage:

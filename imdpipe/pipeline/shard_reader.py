@@ -61,6 +61,7 @@ class ShardReader:
                                    default_buffer_prototype())
         self.chunk_spec = shard._get_chunk_spec(spec)
         self._decode_chunk = chunk_decoder(inner, self.chunk_spec)
+        self._decode_index = _index_decoder(shard, self.per_shard)
         self.index_size = shard._shard_index_size(self.per_shard)
         self.root = Path(self.arr.store.root) / self.arr.path
         return True
@@ -105,12 +106,8 @@ class ShardReader:
         hit = self._index.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
         raw = os.pread(fd, self.index_size, st.st_size - self.index_size)
-        buf = default_buffer_prototype().buffer.from_bytes(raw)
-        index = sync(self.shard._decode_shard_index(buf, self.per_shard)).offsets_and_lengths
+        index = self._decode_index(raw).reshape(*self.per_shard, 2)
         self._index[key] = (stamp, index)
         return index
 
@@ -269,9 +266,6 @@ def raw_video_chunks(arr: zarr.Array, videos) -> dict[tuple[int, ...], bytes] | 
     """The encoded bytes of every chunk of ``videos`` (all in one shard), keyed by their coordinates
     inside the shard; None when ``arr`` is not a local store sharded by videos. Raises when the
     shard's index fails its checksum."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     shard = _sharding(arr)
     if shard is None:
         return None
@@ -286,8 +280,7 @@ def raw_video_chunks(arr: zarr.Array, videos) -> dict[tuple[int, ...], bytes] | 
     with open(path, "rb") as f:
         data = f.read()
     size = shard._shard_index_size(per_shard)
-    index = sync(shard._decode_shard_index(default_buffer_prototype().buffer.from_bytes(data[-size:]),
-                                           per_shard)).offsets_and_lengths
+    index = _index_decoder(shard, per_shard)(data[-size:]).reshape(*per_shard, 2)
     for v in videos:
         for coords in np.ndindex(*per_shard[1:]):
             key = (v % k, *coords)

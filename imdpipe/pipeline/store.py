@@ -493,8 +493,10 @@ class StageStore:
                 # shard's other chunks keep their bytes (a lossy codec must never re-encode a video
                 # that is already stored)
                 try:
+                    j = 0  # the runs are consecutive pieces of idx, the block's rows in idx order
                     for a, b in _runs(idx):
-                        arr[a:b] = block[idx.index(a):idx.index(a) + b - a]
+                        arr[a:b] = block[j:j + b - a]
+                        j += b - a
                 except Exception as e:  # noqa: BLE001 - the shard's index fails to decode
                     raise StoreDamaged(f"{self.path}/{name}: the shard of videos {start}..{stop - 1} fails to decode "
                                        f"({type(e).__name__}: {e}), so it cannot be rewritten. Run `imdpipe "

@@ -234,7 +234,8 @@ def extract_visual(*, cache: str | Path, run: str | Path | None = None, checkpoi
     if streams.source["kind"] == "init" and part.index == 0 and not (path / STREAMS_FILE).exists():
         save_checkpoint({"visual": streams.model.state_dict(), "streams_sha256": settings["streams_sha256"]},
                         path / STREAMS_FILE)
-    eligible = [i for i in info.manifest.ok_indices() if _frames_done(info)[i]]
+    frames_done = _frames_done(info)
+    eligible = [i for i in info.manifest.ok_indices() if frames_done[i]]
 
     def produce(pending: list[int]):
         ds = _Views(info, pending, streams.config, train_views=train_views, clips=clips, crops=crops, seed=seed)

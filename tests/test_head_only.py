@@ -252,3 +252,18 @@ def test_head_only_refuses_a_damaged_visual_store(setup, tmp_path):
     msg = " ".join(result.output.split())
     assert "visual.zarr/train_embedding: 1 done video(s) cannot be read: 7 (" in msg and "imdpipe verify" in msg
     assert not (tmp_path / "run" / "checkpoint-last.pt").exists()
+
+
+def test_head_only_checkpoint_selected_on_the_scored_split_is_refused_before_scoring(setup, tmp_path):
+    """As for a full run: checkpoint-best.pt chosen on test is not scored on test unless allowed (and then said)."""
+    from imdpipe.train.head_only import train_head_only
+
+    cache, _, _ = setup
+    run = tmp_path / "picked-on-test"
+    train_head_only(cache=cache, out=run, config=tiny_config(epochs=2, batch_size=6, head_only=True, val_split="test"),
+                    show_progress=False)
+    with pytest.raises(ValueError, match="selected on split 'test'"):
+        evaluate(run=run, cache=cache, split="test", show_progress=False)
+    assert not (run / "metrics.json").exists()
+    m = evaluate(run=run, cache=cache, split="test", allow_selection_leak=True, show_progress=False)
+    assert m["selection_leak"] is True and m["selected_on"] == "test"

@@ -223,13 +223,17 @@ def evaluate(*, run: str | Path, cache: str | Path, split: str = "test", crops: 
 def _evaluate_head_only(ckpt: dict, ckpt_path: Path, config: TrainConfig, *, cache: Path, split: str, clips: int,
                         crops: int, device: str | None, world: int, allow_selection_leak: bool, console,
                         **write_kw) -> dict:
-    """A head trained on cached visual embeddings: score the cached views (one process)."""
+    """A head trained on cached visual embeddings: score the cached views (one process).
+
+    A checkpoint selected on ``split`` is refused before anything is read or scored, as in
+    :func:`_evaluate`."""
+    from imdpipe.pipeline.manifest import read_manifest
     from imdpipe.train.head_only import evaluate_cached
 
+    selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in read_manifest(cache).records},
+                                        allow_selection_leak, console)
     res, manifest, sel, alpha = evaluate_cached(ckpt, cache, split=split, clips=clips, crops=crops,
                                                 device=device, console=console)
-    selected_on, leak = check_selection(ckpt, ckpt_path, split, {r.split for r in manifest.records},
-                                        allow_selection_leak, console)
     return _write_metrics(res, ckpt, ckpt_path, config, manifest=manifest, sel=sel, alpha=alpha, cache=cache,
                           selected_on=selected_on, leak=leak, split=split, clips=clips, crops=crops,
                           videos_per_rank=[len(res["labels"])] + [0] * (world - 1), console=console, **write_kw)

@@ -16,7 +16,8 @@ instead of a fresh random clip each epoch, and validation averages the 12 cached
 the validation split instead of one centre view.
 
 A head-only run directory has the full trainer's contract (config.yaml, checkpoint-best/last.pt,
-metrics.jsonl, training-curves.png); its checkpoints hold the head's weights and name the
+metrics.jsonl, training-curves.png), except that without validation (``--val-split last``)
+checkpoint-best.pt is written too and is the last epoch; its checkpoints hold the head's weights and name the
 visual store (``streams``), so ``evaluate`` scores it on the cached test views and
 ``model_from_checkpoint`` (hence ``predict``) puts the head back on the streams it was trained on.
 """

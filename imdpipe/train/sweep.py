@@ -157,12 +157,12 @@ def run_sweep(*, cache: str | Path, out: str | Path, grid: dict[str, list], conf
     # relevance targets per K / Ya / overlap, rebuilt in memory when the grid varies them
     targets: dict = {}
     rebuild = any(k in grid for k in RELEVANCE_KEYS)
+    stored = _stored_relevance(cache) if rebuild else {}  # relevance.zarr's own K / Ya / overlap
     jobs = []
     for cell in grid_cells:
         cfg = base.replace(**{fields[k]: v for k, v in cell.items() if k in fields})
         key = None
         if rebuild and cfg.uses_relevance:
-            stored = _stored_relevance(cache)
             K, ya = cell.get("k", stored.get("K")), cell.get("ya", stored.get("Ya"))
             overlap = cell.get("overlap", stored.get("overlap", "iou"))
             if K is None or ya is None:
